@@ -1,0 +1,423 @@
+"""YAML config -> frozen, validated settings.
+
+Every error names the file and the dotted path of the bad setting (``sidecrypt.yaml:
+upstream.url: not a valid URL``) and never echoes a value, since values may be secrets.
+Relative paths in the file are resolved against the directory the file is in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from .errors import ConfigError
+from .selectors import SelectorError, compile_selector
+
+# Environment overrides: the few settings operators change per deployment.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "SIDECRYPT_LISTEN_ADDRESS": ("listen", "address"),
+    "SIDECRYPT_ADMIN_ADDRESS": ("admin", "address"),
+    "SIDECRYPT_UPSTREAM_URL": ("upstream", "url"),
+    "SIDECRYPT_LOG_LEVEL": ("log", "level"),
+    "SIDECRYPT_WORKERS": ("server", "workers"),
+}
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _check_address(value: str) -> str:
+    parse_address(value)
+    return value
+
+
+Address = Annotated[str, Field(min_length=3)]
+
+
+class SecretRef(Model):
+    """A secret taken from the environment or a file, never written inline in the YAML."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env or file")
+        return self
+
+    def resolve(self) -> bytes:
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise ConfigError(f"environment variable {self.env} is not set")
+            return value.encode()
+        assert self.file is not None
+        try:
+            return self.file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {self.file}: {exc.strerror}") from None
+
+
+def _secret(value: Any) -> Any:
+    if isinstance(value, str):
+        raise ValueError("secrets must be {env: NAME} or {file: PATH}, never inline")
+    return value
+
+
+class ListenTLS(Model):
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class Listen(Model):
+    address: str = "0.0.0.0:8443"
+    tls: ListenTLS | None = None
+    trusted_proxies: tuple[str, ...] = ()
+
+    _addr = field_validator("address")(_check_address)
+
+
+class Admin(Model):
+    address: str | None = "127.0.0.1:9901"
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, value: str | None) -> str | None:
+        return None if value is None else _check_address(value)
+
+
+class Server(Model):
+    workers: int = Field(1, ge=1, le=256)
+    grace_period: float = Field(10.0, ge=0)
+    max_header_size: int = Field(8190, ge=1024, le=1 << 20)
+    max_body_size: int = Field(1 << 20, ge=1024, description="largest body buffered for a transform")
+    backlog: int = Field(1024, ge=16)
+    access_log: bool = False
+
+
+class Upstream(Model):
+    url: str
+    ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    insecure_skip_verify: bool = False
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0)
+    pool_size: int = Field(256, ge=1)
+    preserve_host: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("not a valid URL (need http:// or https:// and a host)")
+        return value
+
+
+class DataKeyLimits(Model):
+    max_age: float = Field(300.0, gt=0)
+    max_uses: int = Field(1_000_000, ge=1, le=1 << 32)
+    max_bytes: int = Field(1 << 34, ge=1)
+    decrypt_entries: int = Field(10_000, ge=1)
+    decrypt_ttl: float = Field(300.0, gt=0)
+
+
+class Audit(Model):
+    file: str | None = None
+    on_failure: Literal["block", "drop"] = "block"
+    hmac_key: Annotated[SecretRef | None, Field(default=None)]
+    queue_size: int = Field(10_000, ge=1)
+
+    _hk = field_validator("hmac_key", mode="before")(_secret)
+
+
+class Log(Model):
+    level: Literal["debug", "info", "warning", "error", "DEBUG", "INFO", "WARNING", "ERROR"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class FieldSpec(Model):
+    """One selector with its options. A bare string in YAML means ``{path: ...}``."""
+
+    path: str
+    required: bool = False
+    bind_as: str | None = None
+
+    @field_validator("path", "bind_as")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                compile_selector(value)
+            except SelectorError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+def _field_specs(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class Rule(Model):
+    encrypt: tuple[FieldSpec, ...] = ()
+    decrypt: tuple[FieldSpec, ...] = ()
+
+    _e = field_validator("encrypt", "decrypt", mode="before")(_field_specs)
+
+
+_PATTERN = re.compile(r"^/(?:[^?#\s]*)$")
+_CONTEXT_SOURCE = re.compile(r"^(?:header|path|query):[A-Za-z0-9_.\-]+$")
+
+
+class Match(Model):
+    methods: tuple[str, ...] = ("*",)
+    path: str
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one method (or '*')")
+        return tuple(m.upper() for m in value)
+
+    @field_validator("path")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        if not _PATTERN.match(value):
+            raise ValueError("a path pattern starts with / and has no query or spaces")
+        for segment in value.split("/")[1:]:
+            if "**" in segment and segment != "**":
+                raise ValueError("'**' must be a whole path segment")
+        return value
+
+
+class Route(Model):
+    match: Match
+    key: str | None = None
+    context: dict[str, str] = Field(default_factory=dict)
+    request: Rule = Rule()
+    response: Rule = Rule()
+    on_decrypt_error: Literal["error", "ciphertext"] = "error"
+    max_body_size: int | None = Field(None, ge=1024)
+    allow_gzip: bool = False
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, source in value.items():
+            if ":" in source and not _CONTEXT_SOURCE.match(source):
+                raise ValueError(
+                    f"context {name!r}: use header:NAME, path:NAME, query:NAME or a literal"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _key_needed(self) -> Route:
+        has_fields = any((self.request.encrypt, self.request.decrypt, self.response.encrypt, self.response.decrypt))
+        if has_fields and self.key is None:
+            raise ValueError("a route with field rules needs a key")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{'|'.join(self.match.methods)} {self.match.path}"
+
+
+class Settings(Model):
+    mode: Literal["server-side", "client-side"] = "server-side"
+    allow_plain_upstream: bool = False
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    server: Server = Server()
+    upstream: Upstream
+    data_keys: DataKeyLimits = DataKeyLimits()
+    keys: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    audit: Audit = Audit()
+    log: Log = Log()
+    identity: dict[str, Any] = Field(default_factory=dict)
+    policy: dict[str, Any] = Field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    source: str = Field("<memory>", exclude=True)
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        for i, route in enumerate(self.routes):
+            if route.key is not None and route.key not in self.keys:
+                raise _PathError(("routes", i, "key"), f"unknown key {route.key!r}")
+        if self.mode == "client-side":
+            host, _ = parse_address(self.listen.address)
+            if self.listen.tls is None and host not in ("127.0.0.1", "::1", "localhost"):
+                raise _PathError(
+                    ("listen", "address"),
+                    "client-side mode without TLS must listen on loopback (127.0.0.1 or ::1)",
+                )
+            if URL(self.upstream.url).scheme != "https" and not self.allow_plain_upstream:
+                raise _PathError(
+                    ("upstream", "url"),
+                    "client-side mode sends ciphertext to a remote server: the upstream must be "
+                    "https (set allow_plain_upstream: true to override)",
+                )
+        return self
+
+
+class _PathError(ValueError):
+    """A cross-field error that knows the dotted path it belongs to."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+def dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _format_errors(file: str, exc: ValidationError) -> ConfigError:
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = tuple(p for p in err["loc"] if p not in ("function-after[_one_source()]",))
+        msg = err["msg"].removeprefix("Value error, ")
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _PathError):
+            loc, msg = ctx_err.loc, ctx_err.message
+        lines.append(f"{file}: {dotted(loc) or '(top level)'}: {msg}")
+    first = lines[0].split(": ", 2)
+    error = ConfigError("\n".join(lines))
+    error.file, error.path = file, first[1] if len(first) > 1 else None
+    return error
+
+
+_PATH_FIELDS = (("listen", "tls", "cert"), ("listen", "tls", "key"), ("listen", "tls", "client_ca"),
+                ("upstream", "ca"), ("upstream", "client_cert"), ("upstream", "client_key"))
+
+
+def _absolutize(raw: dict[str, Any], base: Path) -> None:
+    for loc in _PATH_FIELDS:
+        node: Any = raw
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(loc[-1]), str):
+            node[loc[-1]] = str(base / node[loc[-1]])
+
+
+def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for var, loc in ENV_OVERRIDES.items():
+        if var in environ:
+            node = raw
+            for part in loc[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{var} overrides {dotted(loc)} but {part} is not a mapping")
+            node[loc[-1]] = environ[var]
+
+
+def parse(
+    raw: Any,
+    *,
+    file: str = "<memory>",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Validate an already-loaded YAML document."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the top level must be a mapping", file=file)
+    raw = dict(raw)
+    if environ is not None:
+        apply_env(raw, environ)
+    base = base_dir or Path(".")
+    _absolutize(raw, base)
+    raw["source"] = file
+    raw["base_dir"] = base
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise _format_errors(file, exc) from None
+
+
+def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, parse and validate a YAML file (``yaml.safe_load``, never full load)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", file=str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}{problem}", file=str(path)) from None
+    return parse(
+        raw,
+        file=str(path),
+        base_dir=path.resolve().parent,
+        environ=os.environ if environ is None else environ,
+    )
+
+
+def validate_provider_options(
+    settings: Settings, lookup: Callable[[str], type[BaseModel] | None]
+) -> dict[str, BaseModel]:
+    """Check each ``keys.<name>`` block against its provider's options model."""
+    out: dict[str, BaseModel] = {}
+    for name, block in settings.keys.items():
+        kind = block.get("provider") if isinstance(block, dict) else None
+        if not isinstance(kind, str):
+            raise ConfigError("missing provider", file=settings.source, path=f"keys.{name}.provider")
+        model = lookup(kind)
+        if model is None:
+            raise ConfigError(
+                f"unknown provider {kind!r}", file=settings.source, path=f"keys.{name}.provider"
+            )
+        try:
+            out[name] = model.model_validate(block, context={"base_dir": settings.base_dir})
+        except ValidationError as exc:
+            err = _format_errors(settings.source, exc)
+            raise ConfigError(
+                "\n".join(
+                    line.replace(f"{settings.source}: ", f"{settings.source}: keys.{name}.", 1)
+                    for line in err.message.splitlines()
+                )
+            ) from None
+    return out

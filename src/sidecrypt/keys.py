@@ -1,0 +1,335 @@
+"""Key providers and the data key service in front of them.
+
+A *key provider* holds key-encryption keys (a local keyring, AWS KMS, ...) and wraps/unwraps
+32-byte data keys. The :class:`DataKeyService` sits between the proxy and the providers: it caches
+data keys within limits (ESDK caching-CMM semantics), lets concurrent requests for the same key
+share one provider call, never caches failures, checks sizes, and turns every provider failure
+into :class:`~sidecrypt.errors.KeyProviderError`. This module knows no HTTP and no provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydantic import BaseModel, ConfigDict
+
+from .errors import CryptoError, KeyProviderError, SidecryptError
+from .events import AuditEvent
+
+DATA_KEY_BYTES = 32
+MAX_WRAPPED_BYTES = 4096
+
+Context = tuple[tuple[str, str], ...]
+"""An encryption context in canonical form: pairs sorted by name."""
+
+
+def canonical_context(context: Mapping[str, str]) -> Context:
+    return tuple(sorted(context.items()))
+
+
+class DataKey:
+    """A plaintext data key and its wrapped form. The key bytes never appear in a repr."""
+
+    __slots__ = ("key_version", "plaintext", "wrapped")
+
+    def __init__(self, plaintext: bytes, wrapped: bytes, key_version: int = 0) -> None:
+        self.plaintext = plaintext
+        self.wrapped = wrapped
+        self.key_version = key_version
+
+    def __repr__(self) -> str:
+        return f"DataKey(key_version={self.key_version}, wrapped=<{len(self.wrapped)} bytes>)"
+
+
+class ProviderOptions(BaseModel):
+    """Base for a provider's config block; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    provider: str
+
+
+@runtime_checkable
+class KeyProvider(Protocol):
+    """One configured key (``keys.<name>`` in the config) backed by some key store.
+
+    Providers are plain classes returned by the ``sidecrypt_key_provider_types`` hook. The config
+    picks one by ``type_name`` and builds it with :meth:`create`. All I/O is async.
+    """
+
+    type_name: ClassVar[str]
+    options_model: ClassVar[type[ProviderOptions]]
+    name: str
+
+    @classmethod
+    def create(cls, name: str, options: Any, *, base_dir: Path) -> KeyProvider: ...
+
+    async def start(self) -> None:
+        """Open clients and load key material; raise SidecryptError if that fails."""
+
+    async def close(self) -> None: ...
+
+    async def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
+        """A fresh 32-byte data key wrapped under the newest key version, bound to context."""
+
+    async def decrypt_data_key(
+        self, wrapped: bytes, key_version: int, context: Mapping[str, str]
+    ) -> bytes:
+        """Unwrap; raise CryptoError if the blob or context does not authenticate."""
+
+    async def check_ready(self) -> None:
+        """Raise KeyProviderError when the provider cannot serve new keys."""
+
+    def describe(self) -> dict[str, Any]:
+        """Non-secret facts for ``keys list`` and readiness: ids, versions, state."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLimits:
+    """Encrypt-side limits per cached data key, and the decrypt-side LRU size and TTL.
+
+    ``max_uses`` stays far below 2**32, the NIST bound for random 96-bit GCM nonces.
+    """
+
+    max_age: float = 300.0
+    max_uses: int = 1_000_000
+    max_bytes: int = 1 << 34
+    decrypt_entries: int = 10_000
+    decrypt_ttl: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_uses <= 1 << 32:
+            raise ValueError("max_uses must be between 1 and 2**32")
+
+
+class CachedKey:
+    """A data key ready to use: its AEAD object is built once and reused."""
+
+    __slots__ = ("aead", "bytes", "expires", "key_version", "provider", "uses", "wrapped")
+
+    def __init__(self, provider: KeyProvider, key: DataKey, expires: float) -> None:
+        self.aead = AESGCM(key.plaintext)
+        self.wrapped = key.wrapped
+        self.key_version = key.key_version
+        self.provider = provider
+        self.expires = expires
+        self.uses = 0
+        self.bytes = 0
+
+    def __repr__(self) -> str:
+        return f"CachedKey(key={self.provider.name!r}, version={self.key_version}, uses={self.uses})"
+
+
+AuditFn = Callable[[AuditEvent], None]
+
+
+def _no_audit(event: AuditEvent) -> None:
+    return None
+
+
+class DataKeyService:
+    """Caching, single-flight front for all configured key providers."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, KeyProvider],
+        limits: CacheLimits | None = None,
+        *,
+        audit: AuditFn = _no_audit,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.providers = dict(providers)
+        self.limits = limits or CacheLimits()
+        self.audit = audit
+        self._clock = clock
+        self._enc: dict[tuple[str, Context], CachedKey] = {}
+        self._dec: OrderedDict[bytes, tuple[AESGCM, float]] = OrderedDict()
+        self._inflight: dict[object, asyncio.Future[Any]] = {}
+        self.stats: dict[str, int] = {
+            "encrypt_hits": 0,
+            "encrypt_misses": 0,
+            "decrypt_hits": 0,
+            "decrypt_misses": 0,
+            "evictions": 0,
+            "provider_errors": 0,
+        }
+
+    def provider(self, name: str) -> KeyProvider:
+        try:
+            return self.providers[name]
+        except KeyError:
+            raise CryptoError(f"unknown key {name!r}", code="unknown_key") from None
+
+    # -- encrypt side -----------------------------------------------------------------------
+
+    def cached_for_encrypt(self, name: str, context: Context, nbytes: int) -> CachedKey | None:
+        """Hot path: a cached key with room for one more use, or None (no await needed)."""
+        entry = self._enc.get((name, context))
+        if entry is None:
+            return None
+        limits = self.limits
+        if (
+            entry.uses >= limits.max_uses
+            or entry.bytes + nbytes > limits.max_bytes
+            or self._clock() >= entry.expires
+        ):
+            del self._enc[(name, context)]
+            self.stats["evictions"] += 1
+            return None
+        entry.uses += 1
+        entry.bytes += nbytes
+        self.stats["encrypt_hits"] += 1
+        return entry
+
+    async def for_encrypt(self, name: str, context: Context, nbytes: int = 0) -> CachedKey:
+        """A data key for one field encryption, from the cache or one shared provider call."""
+        entry = self.cached_for_encrypt(name, context, nbytes)
+        if entry is not None:
+            return entry
+        provider = self.provider(name)
+        flight = ("enc", name, context)
+
+        async def generate() -> CachedKey:
+            key = await self._call(provider, "generate_data_key", provider.generate_data_key(dict(context)))
+            if len(key.plaintext) != DATA_KEY_BYTES or not 0 < len(key.wrapped) <= MAX_WRAPPED_BYTES:
+                raise KeyProviderError(f"key {name!r}: provider returned a malformed data key")
+            cached = CachedKey(provider, key, self._clock() + self.limits.max_age)
+            self._enc[(name, context)] = cached
+            self.audit(
+                AuditEvent(
+                    "generate_data_key",
+                    key=name,
+                    provider=provider.type_name,
+                    key_version=key.key_version,
+                    context=dict(context),
+                    cache="miss",
+                )
+            )
+            return cached
+
+        entry = await self._single_flight(flight, generate)
+        self.stats["encrypt_misses"] += 1
+        if entry.uses >= self.limits.max_uses or entry.bytes + nbytes > self.limits.max_bytes:
+            # Another waiter used the last slot; start over rather than exceed a limit.
+            return await self.for_encrypt(name, context, nbytes)
+        entry.uses += 1
+        entry.bytes += nbytes
+        return entry
+
+    # -- decrypt side -----------------------------------------------------------------------
+
+    def cached_for_decrypt(self, wrapped: bytes) -> AESGCM | None:
+        hit = self._dec.get(wrapped)
+        if hit is None:
+            return None
+        aead, expires = hit
+        if self._clock() >= expires:
+            del self._dec[wrapped]
+            self.stats["evictions"] += 1
+            return None
+        self._dec.move_to_end(wrapped)
+        self.stats["decrypt_hits"] += 1
+        return aead
+
+    async def for_decrypt(
+        self, name: str, wrapped: bytes, key_version: int, context: Context
+    ) -> AESGCM:
+        """The AEAD for a wrapped data key, unwrapping it at most once at a time.
+
+        The cache is keyed by the wrapped bytes only: a provider binds the context into the
+        wrapped key, and the field AAD binds it again, so a cached key used under another
+        context still fails to authenticate the field.
+        """
+        aead = self.cached_for_decrypt(wrapped)
+        if aead is not None:
+            return aead
+        provider = self.provider(name)
+        if not 0 < len(wrapped) <= MAX_WRAPPED_BYTES:
+            raise CryptoError("wrapped data key has an invalid length")
+
+        async def unwrap() -> AESGCM:
+            plaintext = await self._call(
+                provider,
+                "decrypt_data_key",
+                provider.decrypt_data_key(wrapped, key_version, dict(context)),
+            )
+            if len(plaintext) != DATA_KEY_BYTES:
+                raise KeyProviderError(f"key {name!r}: provider returned a malformed data key")
+            aead = AESGCM(plaintext)
+            self._dec[wrapped] = (aead, self._clock() + self.limits.decrypt_ttl)
+            while len(self._dec) > self.limits.decrypt_entries:
+                self._dec.popitem(last=False)
+                self.stats["evictions"] += 1
+            self.audit(
+                AuditEvent(
+                    "decrypt_data_key",
+                    key=name,
+                    provider=provider.type_name,
+                    key_version=key_version,
+                    context=dict(context),
+                    cache="miss",
+                )
+            )
+            return aead
+
+        aead = await self._single_flight(("dec", wrapped), unwrap)
+        self.stats["decrypt_misses"] += 1
+        return aead
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _single_flight(self, flight: object, make: Callable[[], Awaitable[Any]]) -> Any:
+        """Concurrent callers for the same flight share one result; failures are not kept."""
+        pending = self._inflight.get(flight)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inflight[flight] = future
+        try:
+            result = await make()
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: waiters may be none
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[flight]
+
+    async def _call(self, provider: KeyProvider, op: str, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except SidecryptError as exc:
+            self.stats["provider_errors"] += 1
+            self._audit_failure(provider, op, exc)
+            raise
+        except Exception as exc:
+            self.stats["provider_errors"] += 1
+            self._audit_failure(provider, op, exc)
+            raise KeyProviderError(
+                f"key {provider.name!r}: {op} failed ({type(exc).__name__})"
+            ) from exc
+
+    def _audit_failure(self, provider: KeyProvider, op: str, exc: BaseException) -> None:
+        self.audit(
+            AuditEvent(
+                op,
+                outcome="error",
+                key=provider.name,
+                provider=provider.type_name,
+                error=type(exc).__name__,
+            )
+        )
+
+    def clear(self) -> None:
+        """Forget every cached key (rotation on demand, shutdown)."""
+        self._enc.clear()
+        self._dec.clear()

@@ -1,0 +1,75 @@
+"""Build the plugin manager: specs, built-ins, third-party entry points, and sanity checks."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+
+import pluggy
+
+from . import PROJECT, hookspecs
+from .errors import PluginError
+from .keys import KeyProvider
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "sidecrypt.plugins.local_keys",
+    "sidecrypt.plugins.aws_kms",
+    "sidecrypt.plugins.audit",
+    "sidecrypt.plugins.identity",
+    "sidecrypt.plugins.policy",
+    "sidecrypt.plugins.metrics",
+)
+
+
+def make_plugin_manager(
+    extra: Iterable[object] = (), *, entry_points: bool = True, builtins: bool = True
+) -> pluggy.PluginManager:
+    """A fresh manager per app (never a global), so tests and apps never share state."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if builtins:
+        for name in BUILTIN_PLUGINS:
+            try:
+                module = importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                if exc.name != name:  # the module exists but needs an optional dependency
+                    log.debug("built-in plugin %s unavailable: %s", name, exc)
+                continue
+            pm.register(module, name=name)
+    if entry_points:
+        pm.load_setuptools_entrypoints(PROJECT)
+    for plugin in extra:
+        pm.register(plugin)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin validation failed: {exc}") from exc
+    return pm
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, str]]:
+    """Loaded plugins and their distributions' versions, for the start-up log."""
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        dist = dists.get(id(plugin))
+        version = dist.version if dist is not None else "built-in"
+        out.append({"name": name or repr(plugin), "version": str(version)})
+    return out
+
+
+def provider_types(pm: pluggy.PluginManager) -> dict[str, type[KeyProvider]]:
+    """Key provider classes by ``type_name``; a name offered twice is an error."""
+    found: dict[str, type[KeyProvider]] = {}
+    for batch in pm.hook.sidecrypt_key_provider_types():
+        for cls in batch:
+            name = getattr(cls, "type_name", None)
+            if not isinstance(name, str):
+                raise PluginError(f"key provider class {cls!r} has no type_name")
+            if name in found and found[name] is not cls:
+                raise PluginError(f"key provider type {name!r} is offered by two plugins")
+            found[name] = cls
+    return found
