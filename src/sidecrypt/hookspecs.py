@@ -15,6 +15,7 @@ from . import PROJECT
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .audit_chain import AuditSink
     from .config import Settings
     from .events import AuditEvent
     from .identity import Principal
@@ -74,4 +75,24 @@ def sidecrypt_readiness(app: web.Application) -> list[tuple[str, Any]]:  # type:
     """Named readiness checks: ``(name, async_callable)`` pairs; a check raises when not ready.
 
     ``/readyz`` runs them all and reports each by name.
+    """
+
+
+@hookspec
+def sidecrypt_audit_sinks(settings: Settings) -> list[AuditSink]:  # type: ignore[empty-body]
+    """Where audit records go, besides (or instead of) the built-in ``audit.file`` sink.
+
+    Each sink gets every sealed record (``audit_chain.Record``: seq, HMAC chain, JSON line) in
+    order, from a background writer: ``async write(records)`` / ``async close()``; a raising
+    ``write`` is retried with the same records and counts as a failing sink for
+    ``audit.on_failure``. Any sink requires ``audit.hmac_key``.
+    """
+
+
+@hookspec
+def sidecrypt_check_config(settings: Settings) -> list[str]:  # type: ignore[empty-body]
+    """Validate this plugin's part of the config; return notes for ``check-config`` to print.
+
+    Raise ``ConfigError`` (with file and dotted path) for a bad setting. Runs at start-up too,
+    so a broken plugin config stops the proxy before it listens.
     """

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import pluggy
 
 from . import PROJECT, hookspecs
+from .config import Settings, validate_provider_options
 from .errors import PluginError
 from .keys import KeyProvider
 
@@ -73,3 +74,15 @@ def provider_types(pm: pluggy.PluginManager) -> dict[str, type[KeyProvider]]:
                 raise PluginError(f"key provider type {name!r} is offered by two plugins")
             found[name] = cls
     return found
+
+
+def build_providers(settings: Settings, pm: pluggy.PluginManager) -> dict[str, KeyProvider]:
+    """One provider per ``keys.<name>`` block, options validated against its type's model."""
+    types = provider_types(pm)
+    options = validate_provider_options(
+        settings, lambda kind: types[kind].options_model if kind in types else None
+    )
+    return {
+        name: types[settings.keys[name]["provider"]].create(name, opts, base_dir=settings.base_dir)
+        for name, opts in options.items()
+    }

@@ -1,0 +1,33 @@
+"""Typed keys for what the proxy stores on aiohttp apps and requests.
+
+Plugins reach per-app state through these (never through module globals): the plugin manager,
+the settings, the data key service and the admin app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from .config import Settings
+    from .identity import PeerCertificate, Principal
+    from .keys import DataKeyService
+
+PLUGIN_MANAGER: web.AppKey[pluggy.PluginManager] = web.AppKey("sidecrypt.pm")
+SETTINGS: web.AppKey[Settings] = web.AppKey("sidecrypt.settings")
+KEYS: web.AppKey[DataKeyService] = web.AppKey("sidecrypt.keys")
+ADMIN: web.AppKey[web.Application] = web.AppKey("sidecrypt.admin")
+PROXY: web.AppKey[web.Application] = web.AppKey("sidecrypt.proxy")
+AUDIT_GATE: web.AppKey[Callable[[], bool]] = web.AppKey("sidecrypt.audit_gate")
+"""Set by the audit plugin: a fast sync check; False means refuse key use with 503."""
+
+PEER_CERT: web.RequestKey[PeerCertificate | None] = web.RequestKey("sidecrypt.peer_cert")
+PRINCIPAL: web.RequestKey[Principal | None] = web.RequestKey("sidecrypt.principal")
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("sidecrypt.request_id")
+ROUTE: web.RequestKey[str] = web.RequestKey("sidecrypt.route")
+UPSTREAM_SECONDS: web.RequestKey[float] = web.RequestKey("sidecrypt.upstream_seconds")

@@ -1,0 +1,230 @@
+"""``sidecrypt``: run the proxy, check configs, manage keys, transform documents offline.
+
+Exit codes: 0 ok, 1 operation failed, 2 bad usage or bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, config, logs
+from .errors import ConfigError, SidecryptError
+
+log = logging.getLogger("sidecrypt")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default=None, help="debug, info, warning or error")
+    parser.add_argument("--log-format", choices=("json", "text"), default=None)
+
+
+def _out(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# -- verbs ---------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .proxy import server
+
+    settings = config.load(args.config)
+    _setup_logs(args, settings)
+    _preflight(settings)
+    return server.run(settings)
+
+
+def _preflight(settings: config.Settings) -> list[str]:
+    """Everything that can fail before serving: certificates, key providers, plugin configs."""
+    from .plugin_manager import build_providers, make_plugin_manager
+    from .proxy import tls
+
+    if settings.listen.tls is not None:
+        tls.server_context(settings.listen.tls, source=settings.source)
+    tls.upstream_context(settings.upstream, source=settings.source)
+    pm = make_plugin_manager()
+    build_providers(settings, pm)
+    notes: list[str] = []
+    for batch in pm.hook.sidecrypt_check_config(settings=settings):
+        notes.extend(batch)
+    return notes
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = config.load(args.file)
+    notes = _preflight(settings)
+
+    async def start_providers() -> None:
+        from .plugin_manager import build_providers, make_plugin_manager
+
+        for provider in build_providers(settings, make_plugin_manager()).values():
+            try:
+                await provider.start()
+            finally:
+                await provider.close()
+
+    if not args.offline:
+        asyncio.run(start_providers())
+    print(f"{args.file}: ok ({len(settings.routes)} routes, {len(settings.keys)} keys)")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_certs_dev(args: argparse.Namespace) -> int:
+    from .certs import write_dev_certs
+
+    paths = write_dev_certs(Path(args.dir))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(keep_running=args.keep_running)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .plugins import local_keys
+
+    master = config.SecretRef(env=args.master_key_env).resolve() if args.master_key_env else None
+    if args.keys_verb == "create":
+        _out(local_keys.create_key(Path(args.keyring), args.name, master=master, kind=args.kind))
+    elif args.keys_verb == "rotate":
+        _out(local_keys.rotate_key(Path(args.keyring), args.name, master=master))
+    else:
+        _out(local_keys.list_keys(Path(args.keyring), master=master))
+    return 0
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    from .offline import transform_document
+
+    source = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+    settings = config.load(args.config)
+    out = asyncio.run(
+        transform_document(
+            settings,
+            source,
+            direction=args.verb,
+            route=args.route,
+            selectors=tuple(args.field or ()),
+            key=args.key,
+            context=dict(kv.split("=", 1) for kv in args.context or ()),
+        )
+    )
+    sys.stdout.buffer.write(out + b"\n")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit_chain import verify_files
+
+    key = config.SecretRef(env=args.key_env).resolve()
+    result = verify_files([Path(p) for p in args.files], key)
+    print(str(result))
+    return 0 if result.ok else 1
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecrypt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sidecrypt {__version__}")
+    _common(parser)
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, fn: Handler, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = verb("run", cmd_run, "run the proxy")
+    p.add_argument("--config", "-c", required=True, help="YAML config file")
+    p = verb("check-config", cmd_check_config, "validate a config, its certificates and keys")
+    p.add_argument("file")
+    p.add_argument("--offline", action="store_true", help="do not contact key providers")
+    p = verb("demo", cmd_demo, "run a self-contained demo: legacy app + sidecrypt in front of it")
+    p.add_argument("--keep-running", action="store_true", help="stay up for curl")
+
+    certs = verb("certs", lambda a: 2, "certificate tooling")
+    csub = certs.add_subparsers(dest="certs_verb", required=True, metavar="VERB")
+    p = csub.add_parser("dev", help="write a dev CA, server and client certificates")
+    _common(p)
+    p.add_argument("dir")
+    p.set_defaults(fn=cmd_certs_dev)
+
+    keys = verb("keys", cmd_keys, "manage a local keyring (never prints key bytes)")
+    ksub = keys.add_subparsers(dest="keys_verb", required=True, metavar="VERB")
+    for name, help_ in (("create", "create a key"), ("rotate", "add a new key version")):
+        p = ksub.add_parser(name, help=help_)
+        _common(p)
+        p.add_argument("--keyring", required=True)
+        p.add_argument("--master-key-env", default=None, help="env var holding the master key")
+        p.add_argument("name")
+        if name == "create":
+            p.add_argument("--kind", choices=("aes256", "rsa3072", "p256"), default="aes256")
+        p.set_defaults(fn=cmd_keys)
+    p = ksub.add_parser("list", help="list keys, versions and states")
+    _common(p)
+    p.add_argument("--keyring", required=True)
+    p.add_argument("--master-key-env", default=None)
+    p.set_defaults(fn=cmd_keys)
+
+    for name in ("encrypt", "decrypt"):
+        p = verb(name, cmd_transform, f"{name} fields of a JSON document offline")
+        p.add_argument("--config", "-c", required=True)
+        p.add_argument("input", nargs="?", default="-", help="JSON file, or - for stdin")
+        p.add_argument("--route", help="use this route's rules, e.g. 'POST /users/1'")
+        p.add_argument("--field", action="append", help="a selector (repeatable)")
+        p.add_argument("--key", help="key name (with --field)")
+        p.add_argument("--context", action="append", help="NAME=VALUE (repeatable)")
+
+    audit = verb("audit", lambda a: 2, "audit trail tools")
+    asub = audit.add_subparsers(dest="audit_verb", required=True, metavar="VERB")
+    p = asub.add_parser("verify", help="verify the HMAC chain of audit files")
+    _common(p)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--key-env", required=True, help="env var holding the audit HMAC key")
+    p.set_defaults(fn=cmd_audit_verify)
+    return parser
+
+
+def _setup_logs(args: argparse.Namespace, settings: config.Settings | None = None) -> None:
+    level = args.log_level or (settings.log.level if settings else "info")
+    fmt = args.log_format or (settings.log.format if settings else "json")
+    logs.setup(level, fmt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logs(args)
+    try:
+        code: int = args.fn(args)
+    except ConfigError as exc:
+        print(f"sidecrypt: {exc.message}", file=sys.stderr)
+        return 2
+    except SidecryptError as exc:
+        print(f"sidecrypt: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The reverse proxy: app, routing, field transforms, upstream forwarding, TLS."""

@@ -1,0 +1,433 @@
+"""The proxy application: one catch-all handler, field transforms on matched routes.
+
+Unmatched requests and non-JSON bodies stream through untouched. On a matched route the JSON
+body is read once (bounded), transformed, re-checked by the plaintext guard and only then
+forwarded. Every failure on a route that must encrypt ends here, as a JSON error, with nothing
+sent upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pluggy
+from aiohttp import web
+from yarl import URL
+
+from .. import appkeys
+from ..config import Settings
+from ..errors import (
+    AuditError,
+    KeyProviderError,
+    RequestError,
+    SidecryptError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from ..events import AuditEvent
+from ..keys import CacheLimits, DataKeyService
+from ..plugin_manager import build_providers
+from . import admin, forward, tls
+from .fields import FieldCrypto
+from .routes import CompiledRoute, Router
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = ("application/json",)
+SMALL_BODY = 256 * 1024  # bodies up to this size with a known length are sent in one write
+
+
+def is_json(content_type: str) -> bool:
+    return content_type in JSON_TYPES or content_type.endswith("+json")
+
+
+def error_response(exc: SidecryptError, request_id: str | None = None) -> web.Response:
+    body = exc.to_json()
+    if request_id:
+        body["error"]["request_id"] = request_id
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, KeyProviderError) else None
+    return web.json_response(body, status=exc.status, headers=headers)
+
+
+class Proxy:
+    """Holds what the handler needs, resolved once at start-up."""
+
+    def __init__(self, settings: Settings, pm: pluggy.PluginManager, keys: DataKeyService) -> None:
+        self.settings = settings
+        self.pm = pm
+        self.keys = keys
+        self.router = Router(settings.routes, default_max_body=settings.server.max_body_size)
+        self.fields = FieldCrypto(keys)
+        self.base = URL(settings.upstream.url)
+        port = self.base.port
+        default = 443 if self.base.scheme == "https" else 80
+        host = self.base.host or ""
+        self.upstream_host = host if port in (None, default) else f"{host}:{port}"
+        self.session: aiohttp.ClientSession | None = None
+        self.mtls = settings.listen.tls is not None and settings.listen.tls.client_ca is not None
+        self.audit_gate: Callable[[], bool] = lambda: True
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex()
+        self._audit = pm.hook.sidecrypt_audit
+        self._identify = pm.hook.sidecrypt_identify
+        self._authorize = pm.hook.sidecrypt_authorize
+
+    def audit(self, event: AuditEvent) -> None:
+        self._audit(event=event)
+
+    # -- the handler --------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id") or f"{self._id_prefix}-{next(self._ids)}"
+        request[appkeys.REQUEST_ID] = rid
+        route: CompiledRoute | None = None
+        step = "route"
+        try:
+            forward.check_path(request)
+            match = self.router.match(request.method, request.path)
+            if match is None:
+                return await self._forward(request, None, None, None)
+            route, params = match
+            request[appkeys.ROUTE] = route.label
+            self._identify_caller(request)
+            if not self.audit_gate():
+                raise AuditError("the audit trail cannot record; refusing to use keys unaudited")
+            step = "context"
+            context = route.context(request.headers, params, request.query)
+            body: bytes | None = None
+            if route.needs_request_body:
+                step = "request_body"
+                body = await self._read_request_json(request, route)
+                if body is not None:
+                    step = "request_transform"
+                    body = await self._transform_request(request, route, body, context)
+            step = "upstream"
+            return await self._forward(request, route, context, body)
+        except SidecryptError as exc:
+            self._log_failure(request, route, step, exc)
+            return error_response(exc, rid)
+
+    def _log_failure(
+        self, request: web.Request, route: CompiledRoute | None, step: str, exc: SidecryptError
+    ) -> None:
+        if route is not None:
+            self.audit(
+                AuditEvent(
+                    "request_failed",
+                    outcome="denied" if exc.status == 403 else "error",
+                    key=route.key,
+                    route=route.label,
+                    request_id=request[appkeys.REQUEST_ID],
+                    principal=_principal_id(request),
+                    step=step,
+                    error=type(exc).__name__,
+                )
+            )
+        level = logging.WARNING if exc.status < 500 else logging.ERROR
+        log.log(
+            level,
+            "request failed",
+            extra={
+                "request_id": request[appkeys.REQUEST_ID],
+                "route": route.label if route else None,
+                "step": step,
+                "status": exc.status,
+                "code": exc.code,
+                "error": exc.message,
+            },
+        )
+
+    async def _read_request_json(self, request: web.Request, route: CompiledRoute) -> bytes | None:
+        """The request body of a route that must transform it, or None when there is none."""
+        if not request.body_exists:
+            return None
+        if request.content_length is not None and request.content_length > route.max_body_size:
+            raise RequestError(
+                f"request body is larger than the {route.max_body_size}-byte limit for this route",
+                status=413,
+                code="body_too_large",
+            )
+        if not is_json(request.content_type):
+            raise RequestError(
+                "this route encrypts JSON fields: send Content-Type: application/json",
+                status=415,
+                code="unsupported_media_type",
+            )
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise RequestError(
+                f"Content-Encoding {encoding!r} is not accepted on a route that encrypts fields",
+                status=415,
+                code="unsupported_encoding",
+            )
+        return await forward.read_limited(request.content, route.max_body_size, what="request body")
+
+    async def _transform_request(
+        self, request: web.Request, route: CompiledRoute, body: bytes, context: Any
+    ) -> bytes:
+        if route.request_decrypt:
+            body, labels, _ = await self.fields.decrypt_body(
+                body, route, route.request_decrypt, context
+            )
+            self._field_event("decrypt_fields", request, route, context, labels)
+        if route.request_encrypt:
+            body, labels = await self.fields.encrypt_body(body, route, route.request_encrypt, context)
+            self._field_event("encrypt_fields", request, route, context, labels)
+        return body
+
+    def _field_event(
+        self,
+        action: str,
+        request: web.Request,
+        route: CompiledRoute,
+        context: Any,
+        labels: list[str],
+        outcome: Any = "ok",
+    ) -> None:
+        if not labels:
+            return
+        provider = self.keys.providers.get(route.key or "")
+        self.audit(
+            AuditEvent(
+                action,
+                outcome=outcome,
+                key=route.key,
+                provider=provider.type_name if provider else None,
+                context=dict(context),
+                fields=tuple(labels),
+                count=len(labels),
+                request_id=request[appkeys.REQUEST_ID],
+                route=route.label,
+                principal=_principal_id(request),
+            )
+        )
+
+    # -- forwarding ---------------------------------------------------------------------------
+
+    async def _forward(
+        self,
+        request: web.Request,
+        route: CompiledRoute | None,
+        context: Any,
+        body: bytes | None,
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        transformed = body is not None
+        wants_response = route is not None and route.needs_response_body
+        headers = forward.request_headers(
+            request,
+            upstream_host=self.upstream_host,
+            preserve_host=self.settings.upstream.preserve_host,
+            keep_length=not transformed,
+            identity_encoding=wants_response,
+        )
+        data: Any
+        if transformed:
+            data = body
+        elif not request.body_exists:
+            data = None
+        elif request.content_length is not None and request.content_length <= SMALL_BODY:
+            data = await request.read()
+        else:
+            data = forward.iter_body(request.content)
+        url = forward.upstream_url(self.base, request.raw_path)
+        started = time.perf_counter()
+        try:
+            upstream = await self.session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                compress=None,
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("the upstream did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"the upstream is unreachable ({type(exc).__name__})") from exc
+        try:
+            request[appkeys.UPSTREAM_SECONDS] = time.perf_counter() - started
+            if wants_response and route is not None:
+                return await self._respond_transformed(request, route, context, upstream)
+            return await self._respond_streamed(request, upstream)
+        finally:
+            upstream.release()
+
+    async def _respond_streamed(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        length = upstream.content_length
+        no_body = request.method == "HEAD" or upstream.status in (204, 304)
+        if no_body or (length is not None and length <= SMALL_BODY):
+            try:
+                payload = b"" if no_body else await upstream.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise _upstream_failure(exc) from exc
+            headers = forward.response_headers(upstream.headers, keep_length=no_body)
+            resp = web.Response(status=upstream.status, reason=upstream.reason, headers=headers)
+            if payload:
+                resp.body = payload
+            return resp
+        headers = forward.response_headers(upstream.headers, keep_length=True)
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        await resp.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_chunked(forward.STREAM_CHUNK):
+                await resp.write(chunk)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Headers are out: the only honest signal left is to cut the connection.
+            log.warning("upstream failed mid-response", extra={"error": type(exc).__name__})
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
+
+    async def _respond_transformed(
+        self,
+        request: web.Request,
+        route: CompiledRoute,
+        context: Any,
+        upstream: aiohttp.ClientResponse,
+    ) -> web.StreamResponse:
+        no_body = request.method == "HEAD" or upstream.status in (204, 304)
+        json_body = is_json(upstream.content_type)
+        if no_body or (not json_body and not route.response_encrypt):
+            return await self._respond_streamed(request, upstream)
+        if not json_body:
+            raise UpstreamError(
+                "the upstream answered a route that encrypts response fields with a non-JSON body",
+                code="upstream_not_json",
+            )
+        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise UpstreamError(
+                f"the upstream answered with Content-Encoding {encoding!r} on a route that "
+                "transforms fields",
+                code="upstream_encoding",
+            )
+        try:
+            body = await forward.read_limited(
+                upstream.content, route.max_body_size, what="upstream response"
+            )
+        except RequestError as exc:
+            raise forward.ResponseTooLarge(exc.message) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _upstream_failure(exc) from exc
+        if route.response_decrypt:
+            decide = self._decider(request, route)
+            body, labels, outcomes = await self.fields.decrypt_body(
+                body, route, route.response_decrypt, context, decide=decide
+            )
+            self._field_event("decrypt_fields", request, route, context, labels)
+            for label, outcome in outcomes:
+                self._field_event("reveal", request, route, context, [label], outcome=outcome)
+        if route.response_encrypt:
+            body, labels = await self.fields.encrypt_body(
+                body, route, route.response_encrypt, context
+            )
+            self._field_event("encrypt_fields", request, route, context, labels)
+        headers = forward.response_headers(upstream.headers, keep_length=False)
+        return web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=body
+        )
+
+    def _identify_caller(self, request: web.Request) -> None:
+        if self.mtls and request.transport is not None:
+            request[appkeys.PEER_CERT] = tls.peer_certificate(
+                request.transport.get_extra_info("ssl_object")
+            )
+        request[appkeys.PRINCIPAL] = (
+            self._identify(request=request) if self._identify.get_hookimpls() else None
+        )
+
+    def _decider(self, request: web.Request, route: CompiledRoute) -> Callable[[str], str] | None:
+        if not self._authorize.get_hookimpls():
+            return None
+        principal = request.get(appkeys.PRINCIPAL)
+        cache: dict[str, str] = {}
+
+        def decide(label: str) -> str:
+            outcome = cache.get(label)
+            if outcome is None:
+                outcome = self._authorize(
+                    principal=principal, action="decrypt", route=route.label, field=label
+                ) or "reveal"
+                cache[label] = outcome
+            return outcome
+
+        return decide
+
+
+def _upstream_failure(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("the upstream did not answer in time")
+    return UpstreamError(f"the upstream failed mid-response ({type(exc).__name__})")
+
+
+def _principal_id(request: web.Request) -> str | None:
+    principal = request.get(appkeys.PRINCIPAL)
+    return principal.id if principal is not None else None
+
+
+def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
+    """The proxy app and, at ``app[appkeys.ADMIN]``, its admin app."""
+    app = web.Application(
+        client_max_size=settings.server.max_body_size,
+        handler_args={"max_field_size": settings.server.max_header_size},
+    )
+    providers = build_providers(settings, pm)
+    limits = settings.data_keys
+    keys = DataKeyService(
+        providers,
+        CacheLimits(
+            max_age=limits.max_age,
+            max_uses=limits.max_uses,
+            max_bytes=limits.max_bytes,
+            decrypt_entries=limits.decrypt_entries,
+            decrypt_ttl=limits.decrypt_ttl,
+        ),
+        audit=lambda event: pm.hook.sidecrypt_audit(event=event),
+    )
+    proxy = Proxy(settings, pm, keys)
+    app[appkeys.SETTINGS] = settings
+    app[appkeys.PLUGIN_MANAGER] = pm
+    app[appkeys.KEYS] = keys
+    app[PROXY_KEY] = proxy
+    app[appkeys.ADMIN] = admin.create_admin_app(app)
+    app.cleanup_ctx.append(_lifespan)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    pm.hook.sidecrypt_app(app=app, settings=settings)
+    return app
+
+
+PROXY_KEY: web.AppKey[Proxy] = web.AppKey("sidecrypt.proxy_state")
+
+
+async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    proxy = app[PROXY_KEY]
+    settings = app[appkeys.SETTINGS]
+    started = []
+    try:
+        for provider in proxy.keys.providers.values():
+            await provider.start()
+            started.append(provider)
+        proxy.session = forward.make_session(settings.upstream, source=settings.source)
+        yield
+    finally:
+        if proxy.session is not None:
+            await proxy.session.close()
+        for provider in started:
+            try:
+                await provider.close()
+            except Exception:  # closing must not hide the shutdown of the others
+                log.exception("closing key provider %s failed", provider.name)
+        proxy.keys.clear()
+        await asyncio.sleep(0)

@@ -1,0 +1,171 @@
+"""Running the proxy: listeners, signals, graceful drain, and N workers on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from .. import appkeys
+from ..config import Settings, parse_address
+from ..plugin_manager import describe_plugins, make_plugin_manager
+from . import tls
+from .app import create_app
+
+log = logging.getLogger(__name__)
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run with uvloop when it is installed (faster TLS and sockets), asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
+class Running:
+    """Handles to a started proxy: bound addresses, and a way to stop it."""
+
+    def __init__(self, runners: list[web.AppRunner], stop: asyncio.Event) -> None:
+        self.runners = runners
+        self.stop = stop
+
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for runner in self.runners:
+            for addr in runner.addresses:
+                out.append((addr[0], addr[1]))
+        return out
+
+
+async def start(
+    settings: Settings,
+    *,
+    extra_plugins: tuple[object, ...] = (),
+    reuse_port: bool = False,
+    admin: bool = True,
+) -> tuple[Running, Callable[[], Coroutine[Any, Any, None]]]:
+    """Start listeners; returns handles and the coroutine that drains and stops them."""
+    pm = make_plugin_manager(extra_plugins)
+    pm.hook.sidecrypt_check_config(settings=settings)
+    log.info("plugins loaded", extra={"plugins": describe_plugins(pm)})
+    server_ctx: ssl.SSLContext | None = None
+    if settings.listen.tls is not None:
+        server_ctx = tls.server_context(settings.listen.tls, source=settings.source)
+    app = create_app(settings, pm)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=settings.server.grace_period,
+        access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
+    )
+    await runner.setup()
+    host, port = parse_address(settings.listen.address)
+    site = web.TCPSite(
+        runner,
+        host,
+        port,
+        ssl_context=server_ctx,
+        backlog=settings.server.backlog,
+        reuse_port=reuse_port or None,
+    )
+    await site.start()
+    runners = [runner]
+    if admin and settings.admin.address:
+        admin_runner = web.AppRunner(app[appkeys.ADMIN], access_log=None)
+        await admin_runner.setup()
+        ahost, aport = parse_address(settings.admin.address)
+        await web.TCPSite(admin_runner, ahost, aport).start()
+        runners.append(admin_runner)
+    stop = asyncio.Event()
+    running = Running(runners, stop)
+    log.info("sidecrypt listening", extra={"addresses": running.addresses(), "pid": os.getpid()})
+
+    loop = asyncio.get_running_loop()
+    if server_ctx is not None and settings.listen.tls is not None:
+        listen_tls = settings.listen.tls
+
+        def reload() -> None:
+            try:
+                tls.reload_server_context(server_ctx, listen_tls, source=settings.source)
+            except Exception as exc:  # keep serving with the old certificate
+                log.error("certificate reload failed; keeping the old one", extra={"error": str(exc)})
+
+        _add_signal(loop, signal.SIGHUP, reload)
+
+    async def shutdown() -> None:
+        log.info("draining", extra={"grace_period": settings.server.grace_period})
+        for r in reversed(runners):
+            await r.cleanup()
+
+    return running, shutdown
+
+
+def _add_signal(loop: asyncio.AbstractEventLoop, sig: int, fn: Callable[[], None]) -> None:
+    try:
+        loop.add_signal_handler(sig, fn)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+        pass
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False, admin: bool = True) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests."""
+    running, shutdown = await start(settings, reuse_port=reuse_port, admin=admin)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        _add_signal(loop, sig, running.stop.set)
+    await running.stop.wait()
+    await shutdown()
+    log.info("stopped")
+
+
+def _worker(settings: Settings, index: int) -> None:
+    from .. import logs
+
+    logs.setup(settings.log.level, settings.log.format)
+    run_loop(serve(settings, reuse_port=True, admin=index == 0))
+
+
+def run(settings: Settings) -> int:
+    """Run ``server.workers`` processes sharing the listening port through SO_REUSEPORT.
+
+    The admin listener runs in worker 0 only: its /metrics describe that worker.
+    """
+    workers = settings.server.workers
+    if workers == 1:
+        run_loop(serve(settings))
+        return 0
+    if not hasattr(socket, "SO_REUSEPORT"):
+        log.error("server.workers > 1 needs SO_REUSEPORT, which this platform lacks")
+        return 2
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(settings, i), daemon=False) for i in range(workers)]
+    for p in procs:
+        p.start()
+
+    def forward_signal(sig: int, _frame: Any) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward_signal)
+    code = 0
+    for p in procs:
+        p.join()
+        code = code or (p.exitcode or 0)
+    return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+
+
+__all__ = ["Running", "run", "run_loop", "serve", "start"]

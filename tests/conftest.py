@@ -1,0 +1,149 @@
+"""Shared fixtures: trustme certificates, a recording upstream on a real socket, a running proxy."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiohttp import web
+
+from sidecrypt import config
+from sidecrypt.proxy import server
+
+
+@dataclass
+class Certs:
+    ca: trustme.CA
+    dir: Path
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+
+    def client_context(self, *, client: trustme.LeafCert | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        if client is not None:
+            client.configure_cert(ctx)
+        return ctx
+
+    def issue_client(self, common_name: str, *sans: str) -> trustme.LeafCert:
+        return self.ca.issue_cert(*(sans or (f"{common_name}.clients.test",)), common_name=common_name)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    directory = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    ca_file = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server_cert = directory / "server.pem"
+    server_key = directory / "server-key.pem"
+    server_cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(server_key))
+    return Certs(ca, directory, ca_file, server_cert, server_key)
+
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    """A real HTTP app on 127.0.0.1 that records every request it receives."""
+
+    url: str
+    seen: list[Seen] = field(default_factory=list)
+    app: web.Application | None = None
+
+    def all_bytes(self) -> bytes:
+        return b"\n".join(s.body + repr(s.headers).encode() + s.path_qs.encode() for s in self.seen)
+
+
+UpstreamHandler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
+
+
+async def _echo(request: web.Request, body: bytes) -> web.StreamResponse:
+    ctype = request.content_type if body else "application/octet-stream"
+    return web.Response(body=body, content_type=ctype)
+
+
+@pytest.fixture
+async def upstream_factory(
+    aiohttp_server: Any,
+) -> Callable[..., Awaitable[Upstream]]:
+    async def make(handler: UpstreamHandler = _echo, **server_kwargs: Any) -> Upstream:
+        up = Upstream(url="")
+
+        async def record(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            up.seen.append(
+                Seen(request.method, request.path_qs, list(request.headers.items()), body)
+            )
+            return await handler(request, body)
+
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", record)
+        srv = await aiohttp_server(app, host="127.0.0.1", **server_kwargs)
+        up.url = f"http://127.0.0.1:{srv.port}"
+        up.app = app
+        return up
+
+    return make
+
+
+@pytest.fixture
+async def upstream(upstream_factory: Callable[..., Awaitable[Upstream]]) -> Upstream:
+    return await upstream_factory()
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    admin_url: str | None
+    settings: config.Settings
+    running: server.Running
+
+
+@pytest.fixture
+async def proxy_factory(
+    certs: Certs,
+) -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
+    """Start sidecrypt for real (sockets, TLS) from a config dict; stops them all at the end."""
+    stops: list[Callable[[], Awaitable[None]]] = []
+
+    async def make(
+        raw: dict[str, Any],
+        *,
+        tls: bool = True,
+        plugins: tuple[object, ...] = (),
+        base_dir: Path | None = None,
+    ) -> RunningProxy:
+        raw = dict(raw)
+        listen = dict(raw.get("listen", {}))
+        listen.setdefault("address", "127.0.0.1:0")
+        if tls:
+            listen.setdefault("tls", {"cert": str(certs.server_cert), "key": str(certs.server_key)})
+        raw["listen"] = listen
+        raw.setdefault("admin", {"address": "127.0.0.1:0"})
+        settings = config.parse(raw, file="test.yaml", base_dir=base_dir or certs.dir)
+        running, shutdown = await server.start(settings, extra_plugins=plugins)
+        stops.append(shutdown)
+        addrs = running.addresses()
+        scheme = "https" if tls else "http"
+        url = f"{scheme}://localhost:{addrs[0][1]}" if tls else f"http://127.0.0.1:{addrs[0][1]}"
+        admin_url = f"http://127.0.0.1:{addrs[1][1]}" if len(addrs) > 1 else None
+        return RunningProxy(url, admin_url, settings, running)
+
+    yield make
+    for stop in reversed(stops):
+        await stop()
