@@ -1,0 +1,218 @@
+"""Built-in metrics plugin: Prometheus exposition at ``/metrics`` on the admin listener.
+
+One ``CollectorRegistry`` per app (never the global one), kept at ``app[METRICS]``. Request
+counts and latency come from a middleware on the proxy app (route label from
+``request[appkeys.ROUTE]``, upstream time from ``request[appkeys.UPSTREAM_SECONDS]``); field,
+reveal, failure and provider-call counts come from audit events through a per-app plugin object;
+data key cache and audit queue figures are read at scrape time by a custom collector.
+
+Label values are config strings (route labels, key names), operation names, outcomes, status
+codes and error class names: never field values, context values or key material.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+
+from .. import appkeys, hookimpl
+from ..config import Settings
+from ..events import AuditEvent
+from .audit import audit_stats
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UNMATCHED = "unmatched"
+PROVIDER_OPS = frozenset({"generate_data_key", "decrypt_data_key"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _StateCollector:
+    """Scrape-time figures from the data key service and the audit trail."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        keys = self.app.get(appkeys.KEYS)
+        if keys is not None:
+            stats = keys.stats
+            hits = CounterMetricFamily(
+                "sidecrypt_data_key_cache_hits", "Data key cache hits", labels=["operation"]
+            )
+            misses = CounterMetricFamily(
+                "sidecrypt_data_key_cache_misses",
+                "Data key cache misses (each is one provider call)",
+                labels=["operation"],
+            )
+            for op in ("encrypt", "decrypt"):
+                hits.add_metric([op], stats.get(f"{op}_hits", 0))
+                misses.add_metric([op], stats.get(f"{op}_misses", 0))
+            yield hits
+            yield misses
+            yield CounterMetricFamily(
+                "sidecrypt_data_key_cache_evictions",
+                "Data keys evicted (limits reached, expired, LRU)",
+                value=stats.get("evictions", 0),
+            )
+            yield CounterMetricFamily(
+                "sidecrypt_key_provider_errors",
+                "Failed key provider calls",
+                value=stats.get("provider_errors", 0),
+            )
+        audit = audit_stats(self.app)
+        if audit is not None:
+            yield GaugeMetricFamily(
+                "sidecrypt_audit_queue_depth", "Audit events waiting", value=audit["queue_depth"]
+            )
+            yield GaugeMetricFamily(
+                "sidecrypt_audit_queue_capacity", "Audit queue size", value=audit["queue_capacity"]
+            )
+            yield CounterMetricFamily(
+                "sidecrypt_audit_dropped",
+                "Audit events dropped (on_failure: drop)",
+                value=audit["dropped"],
+            )
+            yield CounterMetricFamily(
+                "sidecrypt_audit_events_written", "Audit events written", value=audit["written"]
+            )
+            yield CounterMetricFamily(
+                "sidecrypt_audit_sink_errors",
+                "Failed audit sink writes",
+                value=audit["sink_errors"],
+            )
+            yield GaugeMetricFamily(
+                "sidecrypt_audit_healthy", "1 when every audit sink writes", value=audit["healthy"]
+            )
+
+
+class Metrics:
+    """The per-app registry and the instruments the middleware and events update."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "sidecrypt_requests",
+            "Requests by route and status",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "sidecrypt_request_duration_seconds",
+            "Total time in the proxy, body included",
+            ["route"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.upstream = Histogram(
+            "sidecrypt_upstream_duration_seconds",
+            "Time waiting for the upstream",
+            ["route"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.fields = Counter(
+            "sidecrypt_fields",
+            "Fields encrypted or decrypted",
+            ["route", "key", "operation"],
+            registry=registry,
+        )
+        self.reveals = Counter(
+            "sidecrypt_reveal_decisions",
+            "Reveal decisions per field",
+            ["route", "outcome"],
+            registry=registry,
+        )
+        self.provider_calls = Counter(
+            "sidecrypt_key_provider_calls",
+            "Key provider calls",
+            ["key", "provider", "operation", "outcome"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "sidecrypt_request_failures",
+            "Failed requests on matched routes",
+            ["route", "step", "error"],
+            registry=registry,
+        )
+        registry.register(_StateCollector(app))
+
+    def observe_event(self, event: AuditEvent) -> None:
+        action = event.action
+        route = event.route or ""
+        if action in ("encrypt_fields", "decrypt_fields"):
+            op = action.removesuffix("_fields")
+            self.fields.labels(route, event.key or "", op).inc(event.count or len(event.fields))
+        elif action == "reveal":
+            self.reveals.labels(route, event.outcome).inc(event.count or len(event.fields) or 1)
+        elif action in PROVIDER_OPS and event.cache != "hit":
+            self.provider_calls.labels(
+                event.key or "", event.provider or "", action, event.outcome
+            ).inc()
+        elif action == "request_failed":
+            self.failures.labels(route, event.step or "", event.error or "").inc()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = "500"
+        try:
+            response = await handler(request)
+            status = str(response.status)
+            return response
+        except web.HTTPException as exc:
+            status = str(exc.status)
+            raise
+        finally:
+            route = request.get(appkeys.ROUTE) or UNMATCHED
+            self.requests.labels(route, status).inc()
+            self.latency.labels(route).observe(time.perf_counter() - started)
+            upstream = request.get(appkeys.UPSTREAM_SECONDS)
+            if upstream is not None:
+                self.upstream.labels(route).observe(upstream)
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+METRICS: web.AppKey[Metrics] = web.AppKey("sidecrypt.metrics", Metrics)
+
+
+class _EventCounter:
+    """Per-app ``sidecrypt_audit`` implementation feeding this app's registry."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    @hookimpl
+    def sidecrypt_audit(self, event: AuditEvent) -> None:
+        self.metrics.observe_event(event)
+
+
+@hookimpl
+def sidecrypt_app(app: web.Application, settings: Settings) -> None:
+    metrics = Metrics(app)
+    app[METRICS] = metrics
+    app.middlewares.append(metrics.middleware)
+    app[appkeys.PLUGIN_MANAGER].register(
+        _EventCounter(metrics), name=f"sidecrypt.metrics.events-{id(app):x}"
+    )
+    admin = app.get(appkeys.ADMIN)
+    if admin is not None:
+        admin.router.add_get("/metrics", metrics.handle_metrics)
+
+
+def registry(app: web.Application) -> Any:
+    """This app's CollectorRegistry (for tests and embedding)."""
+    return app[METRICS].registry
