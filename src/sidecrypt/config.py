@@ -155,8 +155,22 @@ class Audit(Model):
     on_failure: Literal["block", "drop"] = "block"
     hmac_key: Annotated[SecretRef | None, Field(default=None)]
     queue_size: int = Field(10_000, ge=1)
+    max_file_bytes: int | None = Field(None, ge=4096, description="rotate audit.file beyond this")
+    keep_files: int = Field(0, ge=0, description="rotated files kept (FILE.1 newest); 0 = all")
+    checkpoint_interval: float = Field(10.0, gt=0, description="idle seconds before a checkpoint")
+    fsync: bool = False
 
     _hk = field_validator("hmac_key", mode="before")(_secret)
+
+    @model_validator(mode="after")
+    def _key_required(self) -> Audit:
+        if self.file is not None and self.hmac_key is None:
+            raise _PathError(
+                ("audit", "hmac_key"),
+                "required when audit.file is set: the trail is HMAC-chained "
+                "({env: NAME} or {file: PATH}, at least 16 bytes)",
+            )
+        return self
 
 
 class Log(Model):
