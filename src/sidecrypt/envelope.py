@@ -1,0 +1,273 @@
+"""The field ciphertext format: one JSON value becomes one ``sc1.`` string.
+
+A legacy app must be able to store the result where a string was, so everything needed to
+decrypt travels inside the token: provider type, key name and version, the encryption context,
+the wrapped data key, the nonce and the AES-256-GCM ciphertext. The header bytes, which include
+the context, and the field label are the AAD: a token moved to another field, tenant or key
+fails to authenticate. Byte layout and a test vector: docs/format.md.
+"""
+
+from __future__ import annotations
+
+import binascii
+import itertools
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import keys
+from .errors import CryptoError
+
+PREFIX = "sc1."
+VERSION = 1
+NONCE_BYTES = 12
+TAG_BYTES = 16
+MAX_NAME_BYTES = 255
+MAX_PROVIDER_BYTES = 32
+MAX_CONTEXT_PAIRS = 255
+MAX_CONTEXT_VALUE_BYTES = 0xFFFF
+MAX_LABEL_BYTES = 0xFFFF
+
+_PROVIDER = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,31}")
+_B64URL = re.compile(r"[A-Za-z0-9_\-]*")
+_TO_STD = bytes.maketrans(b"-_", b"+/")
+_TO_URL = bytes.maketrans(b"+/", b"-_")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+# Unused low bits of the last base64 character must be zero, so each payload has one spelling.
+_B64_INDEX = {
+    c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+
+# orjson reads integers outside [-2**63, 2**64) as floats; a run of 19 digits is the cheap
+# tell that the stdlib parser (exact big ints) must be used instead.
+_DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def dumps_json(value: Any) -> bytes:
+    """Serialise compactly; integers beyond 64 bits fall back to the stdlib encoder."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        try:
+            return json.dumps(
+                value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode()
+        except (TypeError, ValueError) as exc:
+            raise CryptoError(
+                f"value cannot be serialised as JSON ({type(exc).__name__})"
+            ) from None
+
+
+def loads_json(data: bytes) -> Any:
+    """Parse JSON keeping big integers exact. Raises ValueError on malformed input."""
+    if _LONG_RUN in data.translate(_DIGITS):
+        return json.loads(data, parse_constant=_reject_constant)
+    return orjson.loads(data)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed token. Nothing here is secret: the data key is wrapped."""
+
+    version: int
+    provider: str
+    key_name: str
+    key_version: int
+    context: keys.Context
+    wrapped: bytes
+    nonce: bytes
+    ciphertext: bytes
+    header: bytes
+
+
+def is_envelope(value: Any) -> bool:
+    """Cheap check for the plaintext guard and legacy-row detection (no parsing)."""
+    return isinstance(value, str) and value.startswith(PREFIX)
+
+
+@lru_cache(maxsize=1024)
+def build_header(
+    provider: str, key_name: str, key_version: int, context: keys.Context, wrapped: bytes
+) -> bytes:
+    """Everything before the nonce. Memoised: one data key serves many fields.
+
+    Holds only public parts (names, context, wrapped key), never key bytes.
+    """
+    if not _PROVIDER.fullmatch(provider):
+        raise CryptoError("provider type must be 1-32 chars of [a-z0-9_.-]")
+    name = key_name.encode()
+    if not 0 < len(name) <= MAX_NAME_BYTES:
+        raise CryptoError("key name must be 1-255 bytes")
+    if not 0 <= key_version <= 0xFFFFFFFF:
+        raise CryptoError("key version must fit in 32 bits")
+    if len(context) > MAX_CONTEXT_PAIRS:
+        raise CryptoError("encryption context has more than 255 entries")
+    if not 0 < len(wrapped) <= keys.MAX_WRAPPED_BYTES:
+        raise CryptoError("wrapped data key must be 1-4096 bytes")
+    out = bytearray((VERSION, len(provider)))
+    out += provider.encode("ascii")
+    out.append(len(name))
+    out += name
+    out += _U32.pack(key_version)
+    out.append(len(context))
+    previous: bytes | None = None
+    for k, v in sorted(context):
+        kb, vb = k.encode(), v.encode()
+        if not 0 < len(kb) <= MAX_NAME_BYTES or len(vb) > MAX_CONTEXT_VALUE_BYTES:
+            raise CryptoError("encryption context names must be 1-255 bytes, values < 64 KiB")
+        if kb == previous:
+            raise CryptoError("encryption context has a duplicate name")
+        previous = kb
+        out.append(len(kb))
+        out += kb
+        out += _U16.pack(len(vb))
+        out += vb
+    out += _U16.pack(len(wrapped))
+    out += wrapped
+    return bytes(out)
+
+
+def _aad(header: bytes, label: str) -> bytes:
+    lb = label.encode()
+    if len(lb) > MAX_LABEL_BYTES:
+        raise CryptoError("field label is longer than 64 KiB")
+    return header + _U16.pack(len(lb)) + lb
+
+
+def seal(
+    plaintext: bytes, aead: AESGCM, *, header: bytes, label: str, nonce: bytes | None = None
+) -> str:
+    """Encrypt serialised bytes into a token. ``nonce`` is only for test vectors."""
+    if nonce is None:
+        nonce = os.urandom(NONCE_BYTES)
+    elif len(nonce) != NONCE_BYTES:
+        raise CryptoError("nonce must be 12 bytes")
+    sealed = aead.encrypt(nonce, plaintext, _aad(header, label))
+    encoded = binascii.b2a_base64(header + nonce + sealed, newline=False)
+    return PREFIX + encoded.translate(_TO_URL).rstrip(b"=").decode("ascii")
+
+
+def encrypt_value(
+    value: Any,
+    *,
+    key: keys.CachedKey,
+    provider: str,
+    key_name: str,
+    context: keys.Context,
+    label: str,
+) -> str:
+    """One JSON value -> one token under a cached data key (the service counts its uses)."""
+    header = build_header(provider, key_name, key.key_version, context, key.wrapped)
+    return seal(dumps_json(value), key.aead, header=header, label=label)
+
+
+def _fail(what: str) -> CryptoError:
+    return CryptoError(f"malformed field ciphertext: {what}", code="malformed_ciphertext")
+
+
+def _decode(token: str) -> bytes:
+    if not isinstance(token, str) or not token.startswith(PREFIX):
+        raise _fail(f"missing {PREFIX!r} prefix")
+    body = token[len(PREFIX) :]
+    rem = len(body) % 4
+    if rem == 1 or not _B64URL.fullmatch(body):
+        raise _fail("not base64url without padding")
+    if rem and _B64_INDEX[body[-1]] & (0x0F if rem == 2 else 0x03):
+        raise _fail("non-canonical base64url")
+    try:
+        return binascii.a2b_base64(
+            body.encode("ascii").translate(_TO_STD) + b"=" * (-len(body) % 4), strict_mode=True
+        )
+    except binascii.Error:
+        raise _fail("not base64url without padding") from None
+
+
+def parse(token: str) -> Envelope:
+    """Decode and check a token's structure (not its authenticity: that is decrypt's job)."""
+    data = _decode(token)
+    size = len(data)
+    if size < 2:
+        raise _fail("truncated")
+    if data[0] != VERSION:
+        raise CryptoError(
+            f"unsupported field ciphertext version {data[0]}", code="malformed_ciphertext"
+        )
+    try:
+        pos = 1
+        n = data[pos]
+        provider = data[pos + 1 : pos + 1 + n].decode("ascii")
+        pos += 1 + n
+        if not _PROVIDER.fullmatch(provider):
+            raise _fail("bad provider type")
+        n = data[pos]
+        if n == 0:
+            raise _fail("empty key name")
+        key_name = data[pos + 1 : pos + 1 + n].decode()
+        pos += 1 + n
+        (key_version,) = _U32.unpack_from(data, pos)
+        pos += 4
+        pairs = []
+        count = data[pos]
+        pos += 1
+        for _ in range(count):
+            n = data[pos]
+            if n == 0:
+                raise _fail("empty context name")
+            k = data[pos + 1 : pos + 1 + n].decode()
+            pos += 1 + n
+            (n,) = _U16.unpack_from(data, pos)
+            v = data[pos + 2 : pos + 2 + n].decode()
+            pos += 2 + n
+            pairs.append((k, v))
+        (n,) = _U16.unpack_from(data, pos)
+        if not 0 < n <= keys.MAX_WRAPPED_BYTES:
+            raise _fail("wrapped data key length out of range")
+        wrapped = data[pos + 2 : pos + 2 + n]
+        pos += 2 + n
+    except (IndexError, struct.error, UnicodeDecodeError):
+        raise _fail("truncated or invalid header") from None
+    if pos > size or size - pos < NONCE_BYTES + TAG_BYTES:
+        raise _fail("truncated")
+    context = tuple(pairs)
+    if count > 1 and any(a[0] >= b[0] for a, b in itertools.pairwise(context)):
+        raise _fail("encryption context not in canonical order")
+    return Envelope(
+        version=VERSION,
+        provider=provider,
+        key_name=key_name,
+        key_version=key_version,
+        context=context,
+        wrapped=wrapped,
+        nonce=data[pos : pos + NONCE_BYTES],
+        ciphertext=data[pos + NONCE_BYTES :],
+        header=data[:pos],
+    )
+
+
+def decrypt_value(env: Envelope, aead: AESGCM, label: str) -> Any:
+    """Authenticate and decrypt; any mismatch (field, context, key, bytes) is a CryptoError."""
+    try:
+        plaintext = aead.decrypt(env.nonce, env.ciphertext, _aad(env.header, label))
+    except InvalidTag:
+        raise CryptoError(
+            f"field {label} does not authenticate (tampered, or moved from another field, "
+            "context or key)"
+        ) from None
+    try:
+        return loads_json(plaintext)
+    except ValueError:
+        raise CryptoError(f"field {label} decrypted to invalid JSON") from None
