@@ -213,14 +213,18 @@ class DataKeyService:
             )
             return cached
 
-        entry = await self._single_flight(flight, generate)
+        fresh: CachedKey = await self._single_flight(flight, generate)
         self.stats["encrypt_misses"] += 1
-        if entry.uses >= self.limits.max_uses or entry.bytes + nbytes > self.limits.max_bytes:
+        if fresh.uses == 0 and nbytes > self.limits.max_bytes:
+            # Over the byte limit on its own (ESDK: bypass the cache): use once, never reuse.
+            if self._enc.get((name, context)) is fresh:
+                del self._enc[(name, context)]
+        elif fresh.uses >= self.limits.max_uses or fresh.bytes + nbytes > self.limits.max_bytes:
             # Another waiter used the last slot; start over rather than exceed a limit.
             return await self.for_encrypt(name, context, nbytes)
-        entry.uses += 1
-        entry.bytes += nbytes
-        return entry
+        fresh.uses += 1
+        fresh.bytes += nbytes
+        return fresh
 
     # -- decrypt side -----------------------------------------------------------------------
 
@@ -288,11 +292,21 @@ class DataKeyService:
         """Concurrent callers for the same flight share one result; failures are not kept."""
         pending = self._inflight.get(flight)
         if pending is not None:
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if pending.cancelled() and task is not None and not task.cancelling():
+                    # The leader was cancelled (client gone), not this caller: try again.
+                    return await self._single_flight(flight, make)
+                raise
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inflight[flight] = future
         try:
             result = await make()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
         except BaseException as exc:
             if not future.done():
                 future.set_exception(exc)
