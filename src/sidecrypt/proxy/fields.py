@@ -1,0 +1,228 @@
+"""JSON body transforms: encrypt or decrypt the fields a route selects.
+
+One parse and one serialise per body. Slots are collected before anything changes; a slot is
+handled once even if several selectors reach it (the first selector's ``bind_as`` wins), and a
+slot inside another selected slot is skipped (the outer value is encrypted whole).
+
+Encrypt always encrypts, even a value that already looks like a token: leaving client-supplied
+tokens alone would let a client plant a token copied from another record and have the proxy
+decrypt it later. A client that sends ciphertext uses a ``request.decrypt`` rule instead.
+After encrypting, :func:`assert_no_plaintext` re-walks every selector before the body leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any, Literal
+
+import orjson
+
+from .. import keys
+from ..envelope import build_header, decrypt_value, dumps_json, is_envelope, loads_json, parse, seal
+from ..errors import AccessDenied, CryptoError, PluginError, RequestError, SidecryptError
+from ..selectors import label as path_label
+from .routes import CompiledField, CompiledRoute, adhoc_route
+
+Decide = Callable[[str], str]
+MASK = "****"
+_label = lru_cache(maxsize=4096)(path_label)
+
+# (container, key, label)
+_Slot = tuple[Any, "str | int", str]
+
+
+class PlaintextGuardError(SidecryptError):
+    """A selected slot still held plaintext after encryption: the body must not leave."""
+
+    status = 500
+    code = "plaintext_guard"
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return loads_json(body)
+    except ValueError:  # orjson.JSONDecodeError and json.JSONDecodeError are ValueErrors
+        raise RequestError("the body is not valid JSON", code="malformed_json") from None
+
+
+def _serialise(doc: Any) -> bytes:
+    try:
+        return orjson.dumps(doc)
+    except TypeError:  # integers beyond 64 bits
+        return dumps_json(doc)
+
+
+def _collect(doc: Any, specs: Sequence[CompiledField], *, check_required: bool) -> list[_Slot]:
+    seen: set[tuple[str | int, ...]] = set()
+    found: list[tuple[Any, str | int, tuple[str | int, ...], str]] = []
+    for spec in specs:
+        matched = False
+        for container, key, path in spec.selector.slots(doc):
+            matched = True
+            if path not in seen:
+                seen.add(path)
+                found.append((container, key, path, spec.bind_as or _label(path)))
+        if check_required and spec.required and not matched:
+            raise RequestError(
+                f"required field {spec.text} is missing from the body", code="missing_field"
+            )
+    if len(found) > 1:
+        found = [s for s in found if not any(s[2][:i] in seen for i in range(1, len(s[2])))]
+    return [(c, k, lab) for c, k, _, lab in found]
+
+
+def assert_no_plaintext(body_obj: Any, specs: Sequence[CompiledField]) -> None:
+    """Every slot a selector reaches must hold a token; raise naming the path otherwise."""
+    for spec in specs:
+        for container, key, path in spec.selector.slots(body_obj):
+            if not is_envelope(container[key]):
+                raise PlaintextGuardError(
+                    f"plaintext guard: {path_label(path)} (selector {spec.text}) is not encrypted; "
+                    "the body was not sent"
+                )
+
+
+def mask(value: Any) -> str:
+    """Strings of 8 or more characters keep their last 4; anything else is fully masked."""
+    if isinstance(value, str) and len(value) >= 8:
+        return MASK + value[-4:]
+    return MASK
+
+
+class FieldCrypto:
+    """Applies a route's field rules to JSON bodies through the data key service."""
+
+    def __init__(self, keys: keys.DataKeyService) -> None:
+        self.keys = keys
+
+    async def encrypt_body(
+        self,
+        body: bytes,
+        route: CompiledRoute,
+        specs: Sequence[CompiledField],
+        context: keys.Context,
+    ) -> tuple[bytes, list[str]]:
+        """Encrypt the selected fields; returns the new body and the labels encrypted."""
+        doc = _parse(body)
+        slots = _collect(doc, specs, check_required=True)
+        if not slots:
+            return body, []
+        name = route.key
+        if name is None:
+            raise CryptoError(f"route {route.label} encrypts fields but names no key")
+        service = self.keys
+        labels = []
+        for container, key, lab in slots:
+            plaintext = dumps_json(container[key])
+            size = len(plaintext)
+            dk = service.cached_for_encrypt(name, context, size)
+            if dk is None:
+                dk = await service.for_encrypt(name, context, size)
+            header = build_header(dk.provider.type_name, name, dk.key_version, context, dk.wrapped)
+            container[key] = seal(plaintext, dk.aead, header=header, label=lab)
+            labels.append(lab)
+        assert_no_plaintext(doc, specs)
+        return _serialise(doc), labels
+
+    async def decrypt_body(
+        self,
+        body: bytes,
+        route: CompiledRoute,
+        specs: Sequence[CompiledField],
+        context: keys.Context,
+        *,
+        decide: Decide | None = None,
+    ) -> tuple[bytes, list[str], list[tuple[str, str]]]:
+        """Decrypt tokens at the selected slots.
+
+        Returns the new body, the labels decrypted (revealed or masked), and the non-default
+        outcomes as (label, outcome) with outcome ``masked``, ``ciphertext``, ``dropped`` or
+        ``error`` (undecryptable, left as is under ``on_decrypt_error: ciphertext``).
+        Values that are not tokens (rows stored before encryption was on) stay as they are,
+        but the policy still applies to them: mask and ciphertext outcomes mask them.
+        """
+        doc = _parse(body)
+        slots = _collect(doc, specs, check_required=False)
+        if not slots:
+            return body, [], []
+        labels: list[str] = []
+        outcomes: list[tuple[str, str]] = []
+        for container, key, lab in slots:
+            value = container[key]
+            outcome = decide(lab) if decide is not None else "reveal"
+            if outcome not in ("reveal", "mask", "ciphertext", "drop", "deny"):
+                raise PluginError(f"policy returned an unknown outcome for {lab}")
+            if outcome == "deny":
+                raise AccessDenied(f"access to field {lab} is denied")
+            if outcome == "drop":
+                if isinstance(container, dict):
+                    del container[key]
+                else:
+                    container[key] = None
+                outcomes.append((lab, "dropped"))
+                continue
+            if not is_envelope(value):
+                if outcome != "reveal":
+                    container[key] = mask(value)
+                    outcomes.append((lab, "masked"))
+                continue
+            if outcome == "ciphertext":
+                outcomes.append((lab, "ciphertext"))
+                continue
+            try:
+                plain = await self.open_token(value, route, context, lab)
+            except CryptoError:
+                if route.on_decrypt_error != "ciphertext":
+                    raise
+                outcomes.append((lab, "error"))
+                continue
+            if outcome == "mask":
+                container[key] = mask(plain)
+                outcomes.append((lab, "masked"))
+            else:
+                container[key] = plain
+            labels.append(lab)
+        return _serialise(doc), labels, outcomes
+
+    async def open_token(
+        self, token: str, route: CompiledRoute, context: keys.Context, label: str
+    ) -> Any:
+        """Check a token against the route (key, provider, context) and decrypt it."""
+        env = parse(token)
+        if route.decrypt_keys is not None and env.key_name not in route.decrypt_keys:
+            raise CryptoError(
+                f"field {label} was encrypted under key {env.key_name!r}, not this route's"
+            )
+        provider = self.keys.provider(env.key_name)
+        if env.provider != provider.type_name:
+            raise CryptoError(f"field {label}: key {env.key_name!r} is not a {env.provider} key")
+        if route.has_context and env.context != context:
+            raise CryptoError(
+                f"field {label}: encryption context mismatch", code="context_mismatch"
+            )
+        aead = self.keys.cached_for_decrypt(env.wrapped)
+        if aead is None:
+            aead = await self.keys.for_decrypt(
+                env.key_name, env.wrapped, env.key_version, env.context
+            )
+        return decrypt_value(env, aead, label)
+
+    async def transform_document(
+        self,
+        doc: bytes,
+        *,
+        action: Literal["encrypt", "decrypt"],
+        key: str,
+        selectors: Sequence[str],
+        context: Mapping[str, str] | None = None,
+        any_key: bool = False,
+    ) -> bytes:
+        """Offline (CLI) encrypt or decrypt of one document; errors raise, nothing is skipped."""
+        route = adhoc_route(key, selectors, context=context, any_key=any_key)
+        ctx = keys.canonical_context(context or {})
+        if action == "encrypt":
+            out, _ = await self.encrypt_body(doc, route, route.request_encrypt, ctx)
+        else:
+            out, _, _ = await self.decrypt_body(doc, route, route.response_decrypt, ctx)
+        return out

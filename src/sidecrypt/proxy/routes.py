@@ -1,0 +1,245 @@
+"""Route matching, compiled once at start-up.
+
+Patterns are whole path segments: a literal, ``*`` (exactly one non-empty segment), ``{name}``
+(one segment, captured as a path parameter for ``path:name`` context entries) or ``**`` (any
+number of segments, including none: ``/users/**`` matches ``/users`` and ``/users/1/cards``).
+The first route (in config order) whose methods and pattern match wins. Literal patterns are
+found with one dict lookup; only pattern routes listed before that hit are tried as regexes.
+Match against the *decoded* path (aiohttp's ``request.path``), the one the upstream app routes
+on, so percent-encoding cannot slip a request past its rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .. import config, keys
+from ..errors import ConfigError, RequestError
+from ..selectors import Selector, compile_selector
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SOURCES = ("header:", "path:", "query:")
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledField:
+    """One field rule: the selector, whether it must match, and the AAD label override."""
+
+    text: str
+    selector: Selector
+    required: bool = False
+    bind_as: str | None = None
+
+
+def compile_fields(specs: Sequence[config.FieldSpec | str]) -> tuple[CompiledField, ...]:
+    """Config field specs (or bare selector strings, for the offline CLI) -> compiled fields."""
+    out = []
+    for spec in specs:
+        if isinstance(spec, str):
+            spec = config.FieldSpec(path=spec)
+        out.append(
+            CompiledField(spec.path, compile_selector(spec.path), spec.required, spec.bind_as)
+        )
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    """A route ready to serve: everything the request path needs, precomputed."""
+
+    index: int
+    label: str
+    methods: frozenset[str] | None  # None: any method
+    key: str | None
+    request_encrypt: tuple[CompiledField, ...]
+    request_decrypt: tuple[CompiledField, ...]
+    response_encrypt: tuple[CompiledField, ...]
+    response_decrypt: tuple[CompiledField, ...]
+    on_decrypt_error: str
+    max_body_size: int
+    allow_gzip: bool
+    context_sources: tuple[tuple[str, str, str], ...]  # (context name, kind, argument)
+    decrypt_keys: frozenset[str] | None = None  # key names accepted on decrypt; None: any
+    pattern: re.Pattern[str] | None = None  # None: a literal path
+    literal: str | None = None
+
+    @property
+    def needs_request_body(self) -> bool:
+        return bool(self.request_encrypt or self.request_decrypt)
+
+    @property
+    def needs_response_body(self) -> bool:
+        return bool(self.response_encrypt or self.response_decrypt)
+
+    @property
+    def has_context(self) -> bool:
+        return bool(self.context_sources)
+
+    def allows(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
+
+    def context(
+        self,
+        headers: Mapping[str, str],
+        path_params: Mapping[str, str],
+        query: Mapping[str, str],
+    ) -> keys.Context:
+        """The encryption context for one request; a missing source is the client's 400."""
+        if not self.context_sources:
+            return ()
+        pairs = []
+        for name, kind, arg in self.context_sources:
+            if kind == "literal":
+                pairs.append((name, arg))
+                continue
+            source: Any = headers if kind == "header" else path_params if kind == "path" else query
+            values = source.getall(arg, ()) if hasattr(source, "getall") else None
+            if values is not None:
+                if len(values) > 1:
+                    raise RequestError(
+                        f"encryption context {name!r}: {kind} {arg!r} is given more than once",
+                        code="ambiguous_context",
+                    )
+                value = values[0] if values else None
+            elif kind == "header":  # a plain dict: compare names case-insensitively
+                lower = arg.lower()
+                value = next((v for k, v in source.items() if k.lower() == lower), None)
+            else:
+                value = source.get(arg)
+            if not value:
+                raise RequestError(
+                    f"encryption context {name!r} needs {kind} {arg!r}, which the request lacks",
+                    code="missing_context",
+                )
+            pairs.append((name, value))
+        pairs.sort()
+        return tuple(pairs)
+
+
+def _compile_pattern(path: str) -> tuple[re.Pattern[str] | None, set[str]]:
+    """A literal path -> (None, {}); otherwise a full-match regex and its parameter names."""
+    segments = path.split("/")[1:]
+    if not any(s in ("*", "**") or "{" in s for s in segments):
+        return None, set()
+    out, params = [], set()
+    for seg in segments:
+        if seg == "**":
+            out.append("(?:/.*)?")
+        elif seg == "*":
+            out.append("/[^/]+")
+        elif (m := _PARAM.fullmatch(seg)) is not None:
+            name = m.group(1)
+            if name in params:
+                raise ValueError(f"path parameter {{{name}}} appears twice")
+            params.add(name)
+            out.append(f"/(?P<{name}>[^/]+)")
+        elif "{" in seg or "}" in seg or "*" in seg:
+            raise ValueError(f"segment {seg!r}: '*', '**' and '{{name}}' must be whole segments")
+        else:
+            out.append("/" + re.escape(seg))
+    return re.compile("".join(out)), params
+
+
+def compile_route(index: int, route: config.Route, *, default_max_body: int) -> CompiledRoute:
+    where = f"routes[{index}]"
+    try:
+        pattern, params = _compile_pattern(route.match.path)
+    except ValueError as exc:
+        raise ConfigError(str(exc), path=f"{where}.match.path") from None
+    sources = []
+    for name, source in route.context.items():
+        if not source.startswith(_SOURCES):
+            sources.append((name, "literal", source))
+            continue
+        kind, _, arg = source.partition(":")
+        if kind == "path" and arg not in params:
+            raise ConfigError(
+                f"context {name!r} uses path:{arg} but the pattern has no {{{arg}}}",
+                path=f"{where}.context",
+            )
+        sources.append((name, kind, arg))
+    methods = frozenset(route.match.methods)
+    return CompiledRoute(
+        index=index,
+        label=route.label,
+        methods=None if "*" in methods else methods,
+        key=route.key,
+        request_encrypt=compile_fields(route.request.encrypt),
+        request_decrypt=compile_fields(route.request.decrypt),
+        response_encrypt=compile_fields(route.response.encrypt),
+        response_decrypt=compile_fields(route.response.decrypt),
+        on_decrypt_error=route.on_decrypt_error,
+        max_body_size=route.max_body_size or default_max_body,
+        allow_gzip=route.allow_gzip,
+        context_sources=tuple(sources),
+        decrypt_keys=frozenset([route.key]) if route.key else frozenset(),  # no key: decrypt none
+        pattern=pattern,
+        literal=route.match.path if pattern is None else None,
+    )
+
+
+def adhoc_route(
+    key: str,
+    selectors: Sequence[config.FieldSpec | str],
+    *,
+    context: Mapping[str, str] | None = None,
+    on_decrypt_error: str = "error",
+    any_key: bool = False,
+) -> CompiledRoute:
+    """A route for the offline CLI: the same fields for both directions.
+
+    ``context`` given: it is used to encrypt and must equal the stored context to decrypt.
+    ``any_key``: decrypt tokens made under any configured key (backfills across rotations).
+    """
+    fields = compile_fields(selectors)
+    return CompiledRoute(
+        index=-1,
+        label="offline",
+        methods=None,
+        key=key,
+        request_encrypt=fields,
+        request_decrypt=fields,
+        response_encrypt=fields,
+        response_decrypt=fields,
+        on_decrypt_error=on_decrypt_error,
+        max_body_size=1 << 62,
+        allow_gzip=False,
+        context_sources=tuple((k, "literal", v) for k, v in sorted((context or {}).items())),
+        decrypt_keys=None if any_key else frozenset([key]),
+        literal="",
+    )
+
+
+class Router:
+    """First match wins; literal paths by dict lookup, patterns by regex in config order."""
+
+    def __init__(self, routes: Sequence[config.Route], *, default_max_body: int) -> None:
+        self.routes = tuple(
+            compile_route(i, r, default_max_body=default_max_body) for i, r in enumerate(routes)
+        )
+        self._literal: dict[str, tuple[CompiledRoute, ...]] = {}
+        for route in self.routes:
+            if route.literal is not None:
+                self._literal[route.literal] = (*self._literal.get(route.literal, ()), route)
+        self._patterns = tuple(r for r in self.routes if r.pattern is not None)
+
+    def match(self, method: str, path: str) -> tuple[CompiledRoute, dict[str, str]] | None:
+        method = method.upper()
+        hit: CompiledRoute | None = None
+        for route in self._literal.get(path, ()):
+            if route.allows(method):
+                hit = route
+                break
+        limit = hit.index if hit is not None else len(self.routes)
+        for route in self._patterns:
+            if route.index >= limit:
+                break
+            if route.allows(method):
+                assert route.pattern is not None
+                m = route.pattern.fullmatch(path)
+                if m is not None:
+                    return route, m.groupdict()
+        return (hit, {}) if hit is not None else None
