@@ -99,7 +99,6 @@ class ListenTLS(Model):
 class Listen(Model):
     address: str = "0.0.0.0:8443"
     tls: ListenTLS | None = None
-    trusted_proxies: tuple[str, ...] = ()
 
     _addr = field_validator("address")(_check_address)
 

@@ -122,7 +122,7 @@ async def test_client_disconnect_cancels_upstream_call(
             raise
         return web.Response(text="never")
 
-    up = await upstream_factory(hang, handler_cancellation=True)
+    up = await upstream_factory(hang)
     proxy = await proxy_factory({"upstream": {"url": up.url}})
     async with aiohttp.ClientSession() as s:
         with pytest.raises(asyncio.TimeoutError):

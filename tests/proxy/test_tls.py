@@ -34,7 +34,7 @@ async def test_tls13_works_and_tls11_is_refused(certs: Certs, upstream: Any, pro
 
     old = certs.client_context()
     old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.maximum_version = ssl.TLSVersion.TLSv1_1  # noqa: deprecated on purpose
     try:
         old.set_ciphers("ALL:@SECLEVEL=0")
     except ssl.SSLError:
@@ -130,7 +130,7 @@ async def test_upstream_https_is_verified(certs: Certs, proxy_factory: Any, aioh
             assert await r.text() == "secure hello"
         async with s.get(untrusting.url + "/", ssl=certs.client_context()) as r:
             assert r.status == 502
-            assert "Certificate" in (await r.json())["error"]["message"] or r.status == 502
+            assert "Certificate" in (await r.json())["error"]["message"]
 
 
 async def test_sighup_reload_serves_new_certificate(certs: Certs, upstream: Any, proxy_factory: Any, tmp_path: Any) -> None:
