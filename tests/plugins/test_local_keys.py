@@ -11,14 +11,16 @@ from typing import Any
 
 import pluggy
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import ValidationError
 
-from sidecrypt import PROJECT, config, hookspecs, keyring
+from sidecrypt import PROJECT, config, hookspecs, hybrid, keyring
 from sidecrypt.errors import ConfigError, CryptoError, KeyProviderError
 from sidecrypt.keyring import create_key, list_keys, rotate_key
 from sidecrypt.keys import CacheLimits, DataKeyService, canonical_context
 from sidecrypt.plugins import local_keys
-from sidecrypt.plugins.local_keys import LocalKeyOptions, LocalKeyProvider
+from sidecrypt.plugins.local_keys import LocalKeyOptions, LocalKeyProvider, public_jwk
 
 CTX = {"tenant": "acme", "purpose": "users"}
 MASTER = b"correct horse battery staple 0123456789"
@@ -358,3 +360,156 @@ def test_registered_through_the_hook() -> None:
     assert LocalKeyProvider.type_name == "local"
     impl = pm.hook.sidecrypt_key_provider_types.get_hookimpls()[0]
     assert impl.trylast
+
+
+# -- asymmetric keys and the hybrid format ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def asym_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("asym") / "keyring.json"
+    create_key(path, "rsa", kind="rsa3072")
+    create_key(path, "ec", kind="p256")
+    create_key(path, "app")
+    return path
+
+
+@pytest.fixture
+def asym(asym_template: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "keyring.json"
+    path.write_bytes(asym_template.read_bytes())
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize(("name", "kty", "size"), [("rsa", "RSA", 384), ("ec", "EC", 125)])
+async def test_client_wraps_with_public_jwk_provider_unwraps(
+    asym: Path, name: str, kty: str, size: int
+) -> None:
+    provider = await started(asym, name)
+    jwk = provider.public_key()
+    assert jwk is not None and jwk == public_jwk(provider) == public_jwk(asym, name)
+    assert jwk["kty"] == kty and jwk["kid"] == f"{name}:1" and jwk["use"] == "enc"
+    assert not {"d", "p", "q", "dp", "dq", "qi"} & jwk.keys()  # public half only
+    client_jwk = json.loads(json.dumps(jwk))  # what a client downloads
+    key = hybrid.wrap_for_jwk(client_jwk, CTX)
+    assert len(key.wrapped) == size and key.key_version == 1
+    assert await provider.decrypt_data_key(key.wrapped, key.key_version, CTX) == key.plaintext
+    # the sidecar can encrypt with the same key too
+    own = await provider.generate_data_key(CTX)
+    assert len(own.wrapped) == size
+    assert await provider.decrypt_data_key(own.wrapped, 1, CTX) == own.plaintext
+    positions = range(size) if kty == "EC" else (0, 1, 100, size - 1)
+    for i in positions:
+        bad = bytearray(key.wrapped)
+        bad[i] ^= 0x80
+        with pytest.raises(CryptoError):
+            await provider.decrypt_data_key(bytes(bad), 1, CTX)
+    with pytest.raises(CryptoError):
+        await provider.decrypt_data_key(key.wrapped[:-1], 1, CTX)
+
+
+async def test_ecdh_wrap_is_bound_to_context_and_kid(asym: Path) -> None:
+    provider = await started(asym, "ec")
+    jwk = public_jwk(provider)
+    key = hybrid.wrap_for_jwk(jwk, CTX)
+    with pytest.raises(CryptoError):
+        await provider.decrypt_data_key(key.wrapped, 1, {"tenant": "other"})
+    with pytest.raises(CryptoError):  # same public key, claimed as another version
+        await provider.decrypt_data_key(
+            hybrid.wrap_for_jwk({**jwk, "kid": "ec:2"}, CTX).wrapped, 1, CTX
+        )
+
+
+async def test_rsa_wrap_is_standard_oaep_sha256(asym: Path) -> None:
+    """RSA-OAEP-256 with an empty label, as JOSE, WebCrypto and KMS produce it."""
+    provider = await started(asym, "rsa")
+    key = await provider.generate_data_key(CTX)
+    ring = keyring.load(asym)
+    material = ring.keys["rsa"].versions[1].material
+    assert material is not None
+    private = serialization.load_der_private_key(material, password=None)
+    assert isinstance(private, rsa.RSAPrivateKey)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    assert private.decrypt(key.wrapped, oaep) == key.plaintext
+    client = private.public_key().encrypt(b"k" * 32, oaep)  # e.g. wrapped by WebCrypto
+    assert await provider.decrypt_data_key(client, 1, CTX) == b"k" * 32
+
+
+async def test_asymmetric_rotation_and_jwks(asym: Path) -> None:
+    provider = await started(asym, "ec")
+    old = hybrid.wrap_for_jwk(public_jwk(provider), CTX)
+    rotate_key(asym, "ec")
+    new = await provider.generate_data_key(CTX)
+    assert new.key_version == 2
+    assert [j["kid"] for j in provider.public_jwks()] == ["ec:2", "ec:1"]
+    assert public_jwk(asym, "ec")["kid"] == "ec:2"
+    assert public_jwk(asym, "ec", version=1) == provider.public_jwks()[1]
+    assert await provider.decrypt_data_key(old.wrapped, 1, CTX) == old.plaintext
+    with pytest.raises(CryptoError):
+        await provider.decrypt_data_key(old.wrapped, 2, CTX)
+
+
+async def test_symmetric_key_has_no_public_half(asym: Path) -> None:
+    provider = await started(asym, "app")
+    assert provider.public_key() is None and provider.public_jwks() == []
+    with pytest.raises(ConfigError, match="not an asymmetric key"):
+        public_jwk(provider)
+    with pytest.raises(ConfigError, match="no key named"):
+        public_jwk(asym, "missing")
+
+
+async def test_master_protected_asymmetric_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keyring.json"
+    create_key(path, "ec", kind="p256", master=MASTER)
+    canary = materials(path)[0]
+    with pytest.raises(ConfigError, match="protected by a master key"):
+        public_jwk(path, "ec")
+    jwk = public_jwk(path, "ec", master=MASTER)
+    monkeypatch.setenv("SC_MASTER", MASTER.decode())
+    provider = await started(path, "ec", master_key={"env": "SC_MASTER"})
+    key = hybrid.wrap_for_jwk(jwk, CTX)
+    assert await provider.decrypt_data_key(key.wrapped, 1, CTX) == key.plaintext
+    for text in (
+        json.dumps(list_keys(path)),
+        repr(provider),
+        json.dumps(provider.describe()),
+        json.dumps(jwk),
+    ):
+        assert canary not in text
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"kid": None},
+        {"kid": "ec"},
+        {"kid": "ec:0"},
+        {"kty": "oct"},
+        {"crv": "P-384"},
+        {"alg": "ECDH-ES+A256KW"},
+        {"x": "!!"},
+        {"x": "AAAA"},
+        {"y": None},
+    ],
+)
+async def test_bad_jwks_are_refused(asym: Path, change: dict[str, Any]) -> None:
+    jwk: dict[str, Any] = {**public_jwk(asym, "ec"), **change}
+    jwk = {k: v for k, v in jwk.items() if v is not None}
+    with pytest.raises(CryptoError) as err:
+        hybrid.wrap_for_jwk(jwk, CTX)
+    assert err.value.code == "invalid_jwk"
+
+
+def test_point_off_the_curve_and_small_rsa_are_refused(asym: Path) -> None:
+    jwk = public_jwk(asym, "ec")
+    y = bytearray(base64.urlsafe_b64decode(jwk["y"] + "="))
+    y[-1] ^= 1
+    off = {**jwk, "y": base64.urlsafe_b64encode(bytes(y)).rstrip(b"=").decode()}
+    with pytest.raises(CryptoError, match="invalid public JWK"):
+        hybrid.wrap_for_jwk(off, CTX)
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    with pytest.raises(CryptoError, match="too small"):
+        hybrid.wrap_for_jwk(hybrid.to_jwk(small, "rsa:1"), CTX)

@@ -4,8 +4,10 @@ Config: ``keys.<name>: {provider: local, keyring: PATH, key: NAME, master_key: {
 ``keyring`` is relative to the config file's directory; ``key`` defaults to the config name.
 
 Wrapped data key for an ``aes256`` key: nonce(12) || ciphertext(32) || tag(16), AES-256-GCM
-under the key version named by the envelope, with AAD = :func:`wrap_aad` ("A256GCM", kid,
-context). A keyring rewritten by ``sidecrypt keys rotate`` is picked up without a restart: the
+under the key version named by the envelope, with AAD = :func:`sidecrypt.hybrid.wrap_aad`
+("A256GCM", kid, context). ``rsa3072`` and ``p256`` keys use the public-key layouts documented in
+:mod:`sidecrypt.hybrid`: clients wrap with the public JWK, the provider unwraps (and can also wrap
+itself). A keyring rewritten by ``sidecrypt keys rotate`` is picked up without a restart: the
 file is checked at most once per ``reload_interval`` seconds (mtime, inode, size and mode).
 """
 
@@ -18,22 +20,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import Field, ValidationInfo, field_validator
 
-from .. import hookimpl, keyring
+from .. import hookimpl, hybrid, keyring
 from ..config import SecretRef
 from ..errors import ConfigError, CryptoError, KeyProviderError, SidecryptError
-from ..keyring import KeyEntry, lp
+from ..hybrid import ALG_AES, wrap_aad
+from ..keyring import KeyEntry
 from ..keys import DataKey, KeyProvider, ProviderOptions
 
-_WRAP_TAG = "sidecrypt wrap v1"
-
-
-def wrap_aad(alg: str, kid: str, context: Mapping[str, str]) -> bytes:
-    """AAD of a wrapped data key: length-prefixed (u16 BE) tag, alg, kid, then sorted pairs."""
-    return lp(_WRAP_TAG, alg, kid) + b"".join(lp(k, v) for k, v in sorted(context.items()))
+__all__ = ["LocalKeyOptions", "LocalKeyProvider", "public_jwk", "wrap_aad"]
 
 
 def _base_dir(info: ValidationInfo) -> Path | None:
@@ -73,16 +73,60 @@ class LocalKeyOptions(ProviderOptions):
 class _Version:
     """Usable key material for one version; nothing secret in the repr."""
 
-    __slots__ = ("aead", "kid", "state", "version")
+    __slots__ = ("aead", "kid", "kind", "private", "state", "version")
 
-    def __init__(self, key: str, version: int, state: str, material: bytes) -> None:
+    def __init__(self, key: str, kind: str, version: int, state: str, material: bytes) -> None:
         self.kid = f"{key}:{version}"
+        self.kind = kind
         self.version = version
         self.state = state
-        self.aead = AESGCM(material)
+        self.aead: AESGCM | None = None
+        self.private: hybrid.PrivateKey | None = None
+        if kind == "aes256":
+            if len(material) != 32:
+                raise ValueError("AES-256 material must be 32 bytes")
+            self.aead = AESGCM(material)
+            return
+        private = serialization.load_der_private_key(material, password=None)
+        rsa_ok = isinstance(private, rsa.RSAPrivateKey) and private.key_size == 3072
+        ec_ok = isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(
+            private.curve, ec.SECP256R1
+        )
+        if (kind == "rsa3072" and rsa_ok) or (kind == "p256" and ec_ok):
+            self.private = private  # type: ignore[assignment]  # narrowed by the checks above
+        if self.private is None:
+            raise ValueError(f"material is not a {kind} private key")
 
     def __repr__(self) -> str:
-        return f"_Version({self.kid!r}, {self.state})"
+        return f"_Version({self.kid!r}, {self.kind}, {self.state})"
+
+    def public_jwk(self) -> dict[str, str] | None:
+        if self.private is None:
+            return None
+        return hybrid.to_jwk(self.private.public_key(), self.kid)
+
+    def wrap(self, data_key: bytes, context: Mapping[str, str]) -> bytes:
+        if self.aead is not None:
+            nonce = os.urandom(12)
+            return nonce + self.aead.encrypt(nonce, data_key, wrap_aad(ALG_AES, self.kid, context))
+        assert self.private is not None
+        return hybrid.wrap(self.private.public_key(), self.kid, data_key, context)
+
+    def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+        if self.aead is None:
+            assert self.private is not None
+            return hybrid.unwrap(self.private, self.kid, wrapped, context)
+        if len(wrapped) != 60:
+            raise CryptoError(f"key {self.kid}: wrapped data key has the wrong length")
+        try:
+            return self.aead.decrypt(
+                wrapped[:12], wrapped[12:], wrap_aad(ALG_AES, self.kid, context)
+            )
+        except InvalidTag:
+            raise CryptoError(
+                f"key {self.kid}: wrapped data key does not authenticate "
+                "(tampered, or another key or context)"
+            ) from None
 
 
 class LocalKeyProvider:
@@ -136,14 +180,12 @@ class LocalKeyProvider:
     def _make_version(self, entry: KeyEntry, number: int) -> _Version:
         ver = entry.versions[number]
         assert ver.material is not None
-        if entry.kind != "aes256":
-            raise ConfigError(f"key {entry.name!r} has unsupported kind {entry.kind!r}")
-        if len(ver.material) != 32:
+        try:
+            return _Version(entry.name, entry.kind, number, ver.state, ver.material)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ConfigError(
-                f"key {entry.name!r} version {number}: AES-256 material must be 32 bytes",
-                file=str(self.path),
-            )
-        return _Version(entry.name, number, ver.state, ver.material)
+                f"key {entry.name!r} version {number}: {exc}", file=str(self.path)
+            ) from None
 
     async def _refresh(self, *, force: bool = False) -> None:
         """Reload if the file changed; at most once per interval unless forced. Fails closed."""
@@ -181,9 +223,7 @@ class LocalKeyProvider:
         if ver is None:
             raise KeyProviderError(f"key {self.name!r}: provider not started")
         plaintext = os.urandom(32)
-        nonce = os.urandom(12)
-        wrapped = nonce + ver.aead.encrypt(nonce, plaintext, wrap_aad("A256GCM", ver.kid, context))
-        return DataKey(plaintext, wrapped, ver.version)
+        return DataKey(plaintext, ver.wrap(plaintext, context), ver.version)
 
     async def decrypt_data_key(
         self, wrapped: bytes, key_version: int, context: Mapping[str, str]
@@ -197,17 +237,21 @@ class LocalKeyProvider:
             raise CryptoError(f"key {self.name!r} has no version {key_version}")
         if ver.state != "enabled":
             raise CryptoError(f"key {self.name!r} version {key_version} is disabled")
-        if len(wrapped) != 60:
-            raise CryptoError(f"key {self.name!r}: wrapped data key has the wrong length")
-        try:
-            return ver.aead.decrypt(
-                wrapped[:12], wrapped[12:], wrap_aad("A256GCM", ver.kid, context)
-            )
-        except InvalidTag:
-            raise CryptoError(
-                f"key {self.name!r} version {key_version}: wrapped data key does not "
-                "authenticate (tampered, or another key or context)"
-            ) from None
+        return ver.unwrap(wrapped, context)
+
+    def public_key(self) -> dict[str, str] | None:
+        """The primary version's public JWK (None for a symmetric key)."""
+        return self._primary.public_jwk() if self._primary is not None else None
+
+    def public_jwks(self) -> list[dict[str, str]]:
+        """Public JWKs of every enabled version, newest first (for a JWKS document)."""
+        out = []
+        for number in sorted(self._versions, reverse=True):
+            ver = self._versions[number]
+            jwk = ver.public_jwk() if ver.state == "enabled" else None
+            if jwk is not None:
+                out.append(jwk)
+        return out
 
     async def check_ready(self) -> None:
         await self._refresh(force=True)
@@ -241,6 +285,40 @@ class LocalKeyProvider:
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_mtime_ns, st.st_ino, st.st_size, st.st_mode)
+
+
+def public_jwk(
+    source: LocalKeyProvider | str | Path,
+    name: str | None = None,
+    *,
+    master: bytes | None = None,
+    version: int | None = None,
+) -> dict[str, str]:
+    """The public JWK of an asymmetric key: from a started provider, or from a keyring file.
+
+    Reading the file needs the master key when the keyring is protected (the private key is
+    stored wrapped). ``version`` defaults to the primary version.
+    """
+    if isinstance(source, LocalKeyProvider):
+        versions = source._versions
+        number = version or (source._primary.version if source._primary else 0)
+        label = source.name
+    else:
+        ring = keyring.load(source, master)
+        if name is None or name not in ring.keys:
+            raise ConfigError(f"no key named {name!r}", file=str(source))
+        entry = ring.keys[name]
+        number = version or entry.primary.version
+        if number not in entry.versions:
+            raise ConfigError(f"key {name!r} has no version {number}", file=str(source))
+        ver = entry.versions[number]
+        assert ver.material is not None
+        versions = {number: _Version(name, entry.kind, number, ver.state, ver.material)}
+        label = name
+    jwk = versions[number].public_jwk() if number in versions else None
+    if jwk is None:
+        raise ConfigError(f"key {label!r} version {number} is not an asymmetric key")
+    return jwk
 
 
 @hookimpl(trylast=True)
