@@ -25,6 +25,8 @@ from pydantic import (
 from yarl import URL
 
 from .errors import ConfigError
+from .plugins.identity import IdentityConfig
+from .plugins.policy_model import PolicyConfig
 from .selectors import SelectorError, compile_selector
 
 # Environment overrides: the few settings operators change per deployment.
@@ -277,8 +279,8 @@ class Settings(Model):
     keys: dict[str, dict[str, Any]] = Field(default_factory=dict)
     audit: Audit = Audit()
     log: Log = Log()
-    identity: dict[str, Any] = Field(default_factory=dict)
-    policy: dict[str, Any] = Field(default_factory=dict)
+    identity: IdentityConfig = IdentityConfig()
+    policy: PolicyConfig = PolicyConfig()
     routes: tuple[Route, ...] = ()
     source: str = Field("<memory>", exclude=True)
     base_dir: Path = Field(Path("."), exclude=True)

@@ -52,12 +52,19 @@ def sidecrypt_identify(request: web.Request) -> Principal | None:
 
 @hookspec(firstresult=True)
 def sidecrypt_authorize(
-    principal: Principal | None, action: str, route: str, field: str
+    principal: Principal | None,
+    action: str,
+    route: str,
+    field: str,
+    key: str | None,
+    purpose: str | None,
 ) -> str | None:
     """Decide what a caller gets for one field: ``reveal``, ``mask``, ``ciphertext``, ``drop``
-    or ``deny``. None means "no opinion"; when nobody has one the route's default applies.
+    or ``deny``. None means "no opinion"; when nobody has one the field stays ``ciphertext``.
 
-    ``action`` is ``decrypt`` for now; ``field`` is the selector as configured.
+    ``action`` is ``decrypt`` for now; ``route`` the route label; ``field`` the field's label
+    (``$.a[*].b``) or selector; ``key`` the route's key name; ``purpose`` the declared purpose
+    (``X-Purpose``) or None. Call it through ``sidecrypt.plugins.policy.make_decider``.
     """
 
 

@@ -1,0 +1,345 @@
+"""Reveal policy: which callers get which decrypted response fields, and what everyone else sees.
+
+Rules (``policy.rules``) are tried in order; the first whose ``key``, ``route`` and ``fields`` match
+a field decides it: callers named in ``principals`` or holding one of ``roles`` (and declaring one
+of ``purposes`` when given, via the ``X-Purpose`` header) get ``reveal``; everyone else gets the
+rule's ``otherwise``: ``ciphertext`` (the field stays encrypted), ``mask``, ``drop`` or ``deny``
+(the whole response becomes 403).
+
+Default, stated: with **no rules**, every decrypted field is revealed to any caller that reaches
+the sidecar. That is the legacy expectation in server-side mode (the app behind the sidecar
+served plaintext before it; its callers must not notice encryption at rest), and in client-side
+mode the sidecar serves its own host. Server-side mode warns at start-up when this applies.
+As soon as rules exist, fields no rule covers get ``ciphertext`` (fail closed); ``policy.default``
+overrides either default. Key administration is separate: only ``policy.admins`` may use admin
+endpoints; nobody may when the list is empty.
+
+Per-app state: the module-level ``sidecrypt_app`` hook registers a :class:`PolicyEngine` on the
+app's plugin manager; its ``sidecrypt_authorize`` (trylast) answers for the built-in policy.
+The proxy asks through :func:`make_decider`, once per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from .. import appkeys, hookimpl
+from ..errors import PluginError, RequestError
+from ..events import AuditEvent
+from ..events import Outcome as AuditOutcome
+from ..identity import Principal
+from ..selectors import DESCEND, INDEX, MEMBER, WILD, compile_selector
+from . import identity
+from .policy_checks import describe_default, startup_warnings, validate
+from .policy_model import PURPOSE, MaskConfig, PolicyConfig, split_ref
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from ..config import Settings
+
+PLUGIN_NAME = "sidecrypt.policy.per-app"
+OUTCOMES = frozenset({"reveal", "mask", "ciphertext", "drop", "deny"})
+AUDIT_OUTCOME: dict[str, AuditOutcome] = {
+    "reveal": "revealed",
+    "mask": "masked",
+    "ciphertext": "ciphertext",
+    "drop": "dropped",
+    "deny": "denied",
+}
+_CACHE_LIMIT = 4096
+Steps = tuple[tuple[str, Any], ...]
+Refs = tuple[tuple[str | None, str], ...]
+
+
+def _steps_match(rule: Steps, i: int, field: Steps, j: int) -> bool:
+    """Does selector ``rule`` cover every node selector/label ``field`` can reach?"""
+    if i == len(rule):
+        return j == len(field)
+    if j == len(field):
+        return False
+    kind, arg = rule[i]
+    fkind, farg = field[j]
+    if kind == DESCEND:
+        if fkind in (MEMBER, DESCEND) and farg == arg and _steps_match(rule, i + 1, field, j + 1):
+            return True
+        return fkind != DESCEND and _steps_match(rule, i, field, j + 1)
+    # MEMBER: the same member; WILD: any member or element
+    ok = (fkind == MEMBER and farg == arg) if kind == MEMBER else fkind in (MEMBER, WILD, INDEX)
+    return ok and _steps_match(rule, i + 1, field, j + 1)
+
+
+def field_matches(rule_field: str, field: str) -> bool:
+    if rule_field == field:
+        return True
+    return _steps_match(compile_selector(rule_field).steps, 0, compile_selector(field).steps, 0)
+
+
+def _refs(values: tuple[str, ...]) -> Refs:
+    return tuple(split_ref(v) for v in values)
+
+
+def _matches(principal: Principal | None, principals: Refs, roles: Refs) -> bool:
+    if principal is None:
+        return False
+    for source, name in principals:
+        if (source is None or source == principal.source) and name in (principal.id, "*"):
+            return True
+    for source, name in roles:
+        if (source is None or source == principal.source) and name in principal.roles:
+            return True
+    return False
+
+
+def route_matches(rule_route: str, route_label: str) -> bool:
+    """A rule names a route by its label (``GET|POST /users/**``) or by its path pattern."""
+    return rule_route in (route_label, route_label.partition(" ")[2])
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    key: str | None
+    route: str | None
+    fields: tuple[str, ...]
+    principals: Refs
+    roles: Refs
+    purposes: frozenset[str]
+    otherwise: str
+    mask: MaskConfig
+
+
+class PolicyEngine:
+    """Per-app compiled policy. Field matching is cached per (route, key, field)."""
+
+    def __init__(self, settings: Settings) -> None:
+        cfg: PolicyConfig = settings.policy
+        self.default = cfg.effective_default
+        self.default_mask = cfg.mask
+        self.rules = tuple(
+            _Rule(
+                r.key,
+                r.route,
+                r.fields,
+                _refs(r.principals),
+                _refs(r.roles),
+                frozenset(r.purposes),
+                r.otherwise,
+                r.mask or cfg.mask,
+            )
+            for r in cfg.rules
+        )
+        self._applicable: dict[tuple[str, str | None, str], _Rule | None] = {}
+
+    def rule_for(self, route: str, key: str | None, field: str) -> _Rule | None:
+        cache_key = (route, key, field)
+        try:
+            return self._applicable[cache_key]
+        except KeyError:
+            pass
+        found = None
+        for rule in self.rules:
+            if rule.key is not None and rule.key != key:
+                continue
+            if rule.route is not None and not route_matches(rule.route, route):
+                continue
+            if rule.fields and not any(field_matches(f, field) for f in rule.fields):
+                continue
+            found = rule
+            break
+        if len(self._applicable) >= _CACHE_LIMIT:  # labels under $.* can be caller-chosen
+            self._applicable.clear()
+        self._applicable[cache_key] = found
+        return found
+
+    def decide(
+        self,
+        principal: Principal | None,
+        route: str,
+        key: str | None,
+        field: str,
+        purpose: str | None,
+    ) -> str:
+        rule = self.rule_for(route, key, field)
+        if rule is None:
+            return self.default
+        if not _matches(principal, rule.principals, rule.roles):
+            return rule.otherwise
+        if rule.purposes and not (purpose and (purpose in rule.purposes or "*" in rule.purposes)):
+            return rule.otherwise
+        return "reveal"
+
+    def mask_for(self, route: str, key: str | None, field: str) -> MaskConfig:
+        rule = self.rule_for(route, key, field)
+        return rule.mask if rule is not None else self.default_mask
+
+    @hookimpl(trylast=True)
+    def sidecrypt_authorize(
+        self,
+        principal: Principal | None,
+        action: str,
+        route: str,
+        field: str,
+        key: str | None,
+        purpose: str | None,
+    ) -> str | None:
+        if action != "decrypt":
+            return None
+        return self.decide(principal, route, key, field, purpose)
+
+
+def mask_value(value: Any, mask: MaskConfig) -> str:
+    """Strings and numbers keep their last characters (at most half); anything else is hidden."""
+    if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+        return mask.char * 8
+    text = value if isinstance(value, str) else str(value)
+    keep = min(mask.keep_last, len(text) // 2)
+    return mask.char * (len(text) - keep) + text[len(text) - keep :]
+
+
+def principal_label(principal: Principal | None) -> str | None:
+    """How a principal appears in audit records: ``source:id``."""
+    return None if principal is None else f"{principal.source}:{principal.id}"
+
+
+class Decider:
+    """One request's decisions: ``decider(label) -> outcome``, cached per label.
+
+    ``None`` from every plugin means the built-in engine is not installed: fail closed with
+    ``ciphertext``. An outcome outside the five known ones is a plugin bug (PluginError).
+    """
+
+    __slots__ = ("_hook", "_kwargs", "decisions", "engine", "key", "principal", "purpose", "route")
+
+    def __init__(
+        self,
+        pm: pluggy.PluginManager,
+        principal: Principal | None,
+        route: str,
+        key: str | None,
+        purpose: str | None,
+    ) -> None:
+        self._hook = pm.hook.sidecrypt_authorize
+        self.engine: PolicyEngine | None = pm.get_plugin(PLUGIN_NAME)
+        self.principal, self.route, self.key, self.purpose = principal, route, key, purpose
+        self.decisions: dict[str, str] = {}
+
+    def __call__(self, field: str) -> str:
+        outcome = self.decisions.get(field)
+        if outcome is None:
+            outcome = self._hook(
+                principal=self.principal,
+                action="decrypt",
+                route=self.route,
+                field=field,
+                key=self.key,
+                purpose=self.purpose,
+            )
+            if outcome is None:
+                outcome = "ciphertext"
+            elif outcome not in OUTCOMES:
+                raise PluginError(f"sidecrypt_authorize returned an unknown outcome for {field}")
+            self.decisions[field] = outcome
+        return outcome
+
+    def mask(self, field: str, value: Any) -> str:
+        """The masked form of a decrypted value whose outcome is ``mask``."""
+        cfg = (
+            self.engine.mask_for(self.route, self.key, field)
+            if self.engine is not None
+            else MaskConfig()
+        )
+        return mask_value(value, cfg)
+
+    @property
+    def denied(self) -> bool:
+        return "deny" in self.decisions.values()
+
+    def audit_events(self, **common: Any) -> list[AuditEvent]:
+        """One ``reveal`` event per outcome, naming the fields; ``common`` adds request_id etc."""
+        by_outcome: dict[str, list[str]] = {}
+        for field, outcome in self.decisions.items():
+            by_outcome.setdefault(outcome, []).append(field)
+        return [
+            AuditEvent(
+                "reveal",
+                outcome=AUDIT_OUTCOME[outcome],
+                key=self.key,
+                route=self.route,
+                principal=principal_label(self.principal),
+                purpose=self.purpose,
+                fields=tuple(fields),
+                count=len(fields),
+                **common,
+            )
+            for outcome, fields in by_outcome.items()
+        ]
+
+
+def make_decider(
+    pm: pluggy.PluginManager,
+    principal: Principal | None,
+    route_label: str,
+    key_name: str | None,
+    purpose: str | None,
+) -> Decider:
+    return Decider(pm, principal, route_label, key_name, purpose)
+
+
+def purpose_of(request: web.Request, settings: Settings) -> str | None:
+    """The declared purpose (``X-Purpose``), or None; a malformed one is a 400, never logged."""
+    header = settings.policy.purpose_header
+    value = request.headers.get(header, "").strip()
+    if not value:
+        return None
+    if not PURPOSE.match(value):
+        raise RequestError(
+            f"the {header} header must be 1-64 of A-Z a-z 0-9 . _ : / -", code="bad_purpose"
+        )
+    return value
+
+
+def may_administer(principal: Principal | None, settings: Settings) -> bool:
+    """Key administration (create, rotate, re-wrap through admin endpoints), not key use."""
+    admins = settings.policy.admins
+    return _matches(principal, _refs(admins.principals), _refs(admins.roles))
+
+
+__all__ = [
+    "AUDIT_OUTCOME",
+    "Decider",
+    "PolicyEngine",
+    "describe_default",
+    "install",
+    "make_decider",
+    "mask_value",
+    "may_administer",
+    "purpose_of",
+    "startup_warnings",
+    "validate",
+]
+
+
+def install(pm: pluggy.PluginManager, settings: Settings) -> PolicyEngine:
+    """Register (or replace) this app's PolicyEngine on ``pm``."""
+    old = pm.get_plugin(PLUGIN_NAME)
+    if old is not None:
+        pm.unregister(old)
+    engine = PolicyEngine(settings)
+    pm.register(engine, name=PLUGIN_NAME)
+    return engine
+
+
+@hookimpl(trylast=True)
+def sidecrypt_check_config(settings: Settings) -> list[str]:
+    """Validate identity and policy; notes: sources, the stated default, then warnings."""
+    validate(settings)
+    notes = [identity.describe(settings), describe_default(settings)]
+    return notes + [f"warning: {w}" for w in startup_warnings(settings)]
+
+
+@hookimpl(trylast=True)
+def sidecrypt_app(app: web.Application, settings: Settings) -> None:
+    install(app[appkeys.PLUGIN_MANAGER], settings)
