@@ -122,7 +122,7 @@ class CompiledRoute:
 def _compile_pattern(path: str) -> tuple[re.Pattern[str] | None, set[str]]:
     """A literal path -> (None, {}); otherwise a full-match regex and its parameter names."""
     segments = path.split("/")[1:]
-    if not any(s in ("*", "**") or "{" in s for s in segments):
+    if not any("*" in s or "{" in s or "}" in s for s in segments):
         return None, set()
     out, params = [], set()
     for seg in segments:

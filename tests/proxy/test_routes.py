@@ -1,0 +1,200 @@
+"""Route compilation and matching: patterns, precedence, methods, path params, context."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict, MultiDict
+
+from sidecrypt import config
+from sidecrypt.errors import ConfigError, RequestError
+from sidecrypt.proxy.routes import Router, adhoc_route
+
+
+def route(path: str, methods: list[str] | None = None, **extra: Any) -> config.Route:
+    match: dict[str, Any] = {"path": path}
+    if methods is not None:
+        match["methods"] = methods
+    return config.Route.model_validate({"match": match, **extra})
+
+
+def router(*routes: config.Route, max_body: int = 4096) -> Router:
+    return Router(routes, default_max_body=max_body)
+
+
+def hit(r: Router, method: str, path: str) -> tuple[int, dict[str, str]] | None:
+    m = r.match(method, path)
+    return None if m is None else (m[0].index, m[1])
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("/users", "/users", True),
+        ("/users", "/users/", False),
+        ("/users", "/users2", False),
+        ("/users", "/Users", False),
+        ("/users/**", "/users", True),
+        ("/users/**", "/users/", True),
+        ("/users/**", "/users/1", True),
+        ("/users/**", "/users/1/cards/2", True),
+        ("/users/**", "/usersx", False),
+        ("/users/**", "/admin/users/1", False),
+        ("/users/*/cards", "/users/1/cards", True),
+        ("/users/*/cards", "/users/cards", False),
+        ("/users/*/cards", "/users//cards", False),
+        ("/users/*/cards", "/users/1/2/cards", False),
+        ("/users/*/cards", "/users/1/cards/x", False),
+        ("/a/**/z", "/a/z", True),
+        ("/a/**/z", "/a/b/c/z", True),
+        ("/a/**/z", "/a/b/c", False),
+        ("/v1.0/x", "/v1.0/x", True),
+        ("/v1.0/x", "/v1a0/x", False),  # literal dots are not regex wildcards
+        ("/v1.0/*", "/v1a0/x", False),
+        ("/**", "/anything/at/all", True),
+    ],
+)
+def test_patterns(pattern: str, path: str, matches: bool) -> None:
+    assert (hit(router(route(pattern)), "GET", path) is not None) is matches
+
+
+def test_path_params_are_captured() -> None:
+    r = router(route("/tenants/{tenant}/users/{id}"))
+    assert hit(r, "GET", "/tenants/acme/users/42") == (0, {"tenant": "acme", "id": "42"})
+    assert hit(r, "GET", "/tenants/acme/users") is None
+
+
+def test_first_match_wins_across_literal_and_pattern_routes() -> None:
+    r = router(route("/users/**"), route("/users/me"), route("/other"), route("/other"))
+    assert hit(r, "GET", "/users/me") == (0, {})
+    assert hit(r, "GET", "/other") == (2, {})
+    r = router(route("/users/me"), route("/users/**"))
+    assert hit(r, "GET", "/users/me") == (0, {})
+    assert hit(r, "GET", "/users/you") == (1, {})
+
+
+def test_methods_filter_and_fall_through() -> None:
+    r = router(
+        route("/users/**", ["POST", "put"]),
+        route("/users/1", ["GET"]),
+        route("/users/**"),
+    )
+    assert hit(r, "POST", "/users/1") == (0, {})
+    assert hit(r, "put", "/users/1") == (0, {})
+    assert hit(r, "GET", "/users/1") == (1, {})
+    assert hit(r, "DELETE", "/users/1") == (2, {})
+    assert hit(r, "DELETE", "/nope") is None
+
+
+def test_no_routes_matches_nothing() -> None:
+    assert router().match("GET", "/") is None
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["/users/{id}x", "/users/a*", "/users/{id}/{id}", "/users/{}"],
+)
+def test_bad_patterns_are_config_errors(pattern: str) -> None:
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.match\.path"):
+        router(route(pattern))
+
+
+def test_compiled_route_fields_and_options() -> None:
+    r = router(
+        route(
+            "/users/**",
+            ["POST"],
+            key="app",
+            request={"encrypt": ["$.ssn", {"path": "$.card.number", "required": True}]},
+            response={"decrypt": [{"path": "$.ssn", "bind_as": "$.social"}]},
+            on_decrypt_error="ciphertext",
+            max_body_size=2048,
+            allow_gzip=True,
+        ),
+        route("/plain"),
+        max_body=9999,
+    )
+    compiled = r.routes[0]
+    assert compiled.label == "POST /users/**"
+    assert compiled.key == "app"
+    assert [f.text for f in compiled.request_encrypt] == ["$.ssn", "$.card.number"]
+    assert [f.required for f in compiled.request_encrypt] == [False, True]
+    assert compiled.response_decrypt[0].bind_as == "$.social"
+    assert compiled.request_decrypt == () and compiled.response_encrypt == ()
+    assert compiled.needs_request_body and compiled.needs_response_body
+    assert (compiled.on_decrypt_error, compiled.max_body_size, compiled.allow_gzip) == (
+        "ciphertext",
+        2048,
+        True,
+    )
+    assert compiled.decrypt_keys == frozenset({"app"})
+    plain = r.routes[1]
+    assert not plain.needs_request_body and not plain.needs_response_body
+    assert plain.max_body_size == 9999 and plain.on_decrypt_error == "error"
+
+
+def ctx_route(context: dict[str, str], path: str = "/t/{tenant}/u/{id}") -> Router:
+    return router(route(path, key="app", context=context, request={"encrypt": ["$.x"]}))
+
+
+def test_context_from_every_source_is_canonical() -> None:
+    r = ctx_route(
+        {"tenant": "path:tenant", "user": "header:X-User", "region": "query:region", "app": "crm"}
+    )
+    compiled, params = r.match("POST", "/t/acme/u/7") or (None, {})
+    assert compiled is not None
+    ctx = compiled.context(CIMultiDict({"x-user": "bob"}), params, MultiDict({"region": "eu"}))
+    assert ctx == (("app", "crm"), ("region", "eu"), ("tenant", "acme"), ("user", "bob"))
+
+
+def test_context_headers_from_plain_dict_are_case_insensitive() -> None:
+    compiled = ctx_route({"tenant": "header:X-Tenant"}).routes[0]
+    assert compiled.context({"x-tenant": "acme"}, {}, {}) == (("tenant", "acme"),)
+
+
+def test_route_without_context() -> None:
+    compiled = ctx_route({}).routes[0]
+    assert compiled.context({}, {}, {}) == ()
+    assert not compiled.has_context
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "code", "names"),
+    [
+        ({}, {"region": "eu"}, "missing_context", "header 'X-Tenant'"),
+        ({"X-Tenant": ""}, {"region": "eu"}, "missing_context", "header 'X-Tenant'"),
+        ({"X-Tenant": "acme"}, {}, "missing_context", "query 'region'"),
+    ],
+)
+def test_missing_context_source_is_400_naming_the_entry(
+    headers: dict[str, str], query: dict[str, str], code: str, names: str
+) -> None:
+    compiled = ctx_route({"tenant": "header:X-Tenant", "region": "query:region"}).routes[0]
+    with pytest.raises(RequestError) as info:
+        compiled.context(CIMultiDict(headers), {}, MultiDict(query))
+    assert info.value.status == 400 and info.value.code == code
+    assert names in info.value.message
+
+
+def test_repeated_context_header_is_rejected_without_echoing_values() -> None:
+    compiled = ctx_route({"tenant": "header:X-Tenant"}).routes[0]
+    headers = CIMultiDict([("X-Tenant", "acme-secret"), ("x-tenant", "evil-secret")])
+    with pytest.raises(RequestError, match="more than once") as info:
+        compiled.context(headers, {}, {})
+    assert "secret" not in info.value.message
+
+
+def test_context_path_param_must_exist_in_pattern() -> None:
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.context.*path:nope"):
+        ctx_route({"tenant": "path:nope"})
+
+
+def test_adhoc_route_for_the_offline_cli() -> None:
+    r = adhoc_route("app", ["$.a", "$.b[*]"], context={"t": "x"})
+    assert r.key == "app" and [f.text for f in r.request_encrypt] == ["$.a", "$.b[*]"]
+    assert r.request_encrypt == r.response_decrypt
+    assert r.context({}, {}, {}) == (("t", "x"),) and r.has_context
+    assert r.decrypt_keys == frozenset({"app"})
+    assert adhoc_route("app", ["$.a"], any_key=True).decrypt_keys is None
+    assert not adhoc_route("app", ["$.a"]).has_context
