@@ -96,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from .plugins import local_keys
+    from . import keyring as local_keys
 
     master = config.SecretRef(env=args.master_key_env).resolve() if args.master_key_env else None
     if args.keys_verb == "create":

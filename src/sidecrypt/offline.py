@@ -1,0 +1,65 @@
+"""Offline field transforms for the CLI: backfills, debugging, re-checking stored rows."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from .config import Settings
+from .errors import ConfigError
+from .keys import DataKeyService, canonical_context
+from .plugin_manager import build_providers, make_plugin_manager
+from .proxy.fields import FieldCrypto
+from .proxy.routes import Router
+
+
+async def transform_document(
+    settings: Settings,
+    doc: bytes,
+    *,
+    direction: Literal["encrypt", "decrypt"],
+    route: str | None = None,
+    selectors: Sequence[str] = (),
+    key: str | None = None,
+    context: Mapping[str, str] | None = None,
+) -> bytes:
+    """Encrypt or decrypt one document with a route's rules (``"POST /users/1"``) or selectors.
+
+    With a route, encrypt uses its request rules and decrypt its response rules; ``context``
+    is the resolved encryption context (what the route would have taken from the request).
+    """
+    providers = build_providers(settings, make_plugin_manager())
+    service = DataKeyService(providers)
+    crypto = FieldCrypto(service)
+    for provider in providers.values():
+        await provider.start()
+    try:
+        if route is not None:
+            method, _, path = route.partition(" ")
+            hit = Router(settings.routes, default_max_body=1 << 62).match(method, path or "/")
+            if hit is None:
+                raise ConfigError(f"no route matches {route!r}", file=settings.source)
+            compiled = hit[0]
+            ctx = canonical_context(context or {})
+            if direction == "encrypt":
+                out, _ = await crypto.encrypt_body(doc, compiled, compiled.request_encrypt, ctx)
+            else:
+                out, _, _ = await crypto.decrypt_body(doc, compiled, compiled.response_decrypt, ctx)
+            return out
+        if not selectors:
+            raise ConfigError("give --route or at least one --field selector")
+        if key is None:
+            if len(settings.keys) != 1:
+                raise ConfigError("give --key: the config has more than one key")
+            key = next(iter(settings.keys))
+        return await crypto.transform_document(
+            doc,
+            action=direction,
+            key=key,
+            selectors=selectors,
+            context=context,
+            any_key=direction == "decrypt",
+        )
+    finally:
+        for provider in providers.values():
+            await provider.close()

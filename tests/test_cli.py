@@ -1,0 +1,125 @@
+"""The command line, run as users run it: the installed ``sidecrypt`` script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDECRYPT = [sys.executable, "-m", "sidecrypt.cli"]
+
+
+def run(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*SIDECRYPT, *args], input=stdin, capture_output=True, timeout=60, env={**os.environ, **(env or {})}, cwd=cwd
+    )
+
+
+def test_version_and_help() -> None:
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.startswith(b"sidecrypt ")
+    for verb in (["run"], ["check-config"], ["demo"], ["certs", "dev"], ["keys", "create"], ["keys", "list"], ["encrypt"], ["audit", "verify"]):
+        res = run(*verb, "--help")
+        assert res.returncode == 0, verb
+        assert b"usage:" in res.stdout
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    """The example config with its certificates and keyring, laid out as the README says."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(ROOT / "config" / "sidecrypt.example.yaml", tmp_path / "config" / "sidecrypt.example.yaml")
+    assert run("certs", "dev", str(tmp_path / "certs")).returncode == 0
+    made = run("keys", "create", "--keyring", str(tmp_path / "config" / "keyring.json"), "app")
+    assert made.returncode == 0, made.stderr
+    return tmp_path / "config" / "sidecrypt.example.yaml"
+
+
+def test_example_config_passes_check_config(example: Path) -> None:
+    out = run("check-config", str(example))
+    assert out.returncode == 0, out.stderr
+    assert b"ok" in out.stdout
+
+
+def test_bad_config_exits_2_with_dotted_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstream: {url: 'ftp://x'}\n")
+    out = run("check-config", str(bad))
+    assert out.returncode == 2
+    assert f"{bad}: upstream.url: not a valid URL".encode() in out.stderr
+
+
+def test_missing_keyring_is_caught_by_check_config(example: Path) -> None:
+    (example.parent / "keyring.json").unlink()
+    out = run("check-config", str(example))
+    assert out.returncode == 2, out
+    assert b"keyring" in out.stderr
+
+
+def test_keys_list_never_prints_key_bytes(tmp_path: Path) -> None:
+    ring = tmp_path / "ring.json"
+    assert run("keys", "create", "--keyring", str(ring), "app").returncode == 0
+    assert run("keys", "rotate", "--keyring", str(ring), "app").returncode == 0
+    listed = run("keys", "list", "--keyring", str(ring))
+    assert listed.returncode == 0
+    info = json.loads(listed.stdout)
+    assert [v["version"] for v in info[0]["versions"]] == [1, 2]
+    materials = [v["material"] for k in json.loads(ring.read_text())["keys"].values() for v in k["versions"]]
+    assert materials and all(m.encode() not in listed.stdout for m in materials)
+
+
+def test_offline_encrypt_then_decrypt(example: Path) -> None:
+    doc = {"ssn": "123-45-6789", "card": {"number": 4111}, "name": "x"}
+    enc = run("encrypt", "--config", str(example), "--field", "$.ssn", "--field", "$.card.number", "--context", "tenant=acme", stdin=json.dumps(doc).encode())
+    assert enc.returncode == 0, enc.stderr
+    sealed = json.loads(enc.stdout)
+    assert sealed["name"] == "x" and sealed["ssn"].startswith("sc1.")
+    assert b"123-45-6789" not in enc.stdout
+    dec = run("decrypt", "--config", str(example), "--field", "$.ssn", "--field", "$.card.number", "--context", "tenant=acme", stdin=enc.stdout)
+    assert dec.returncode == 0, dec.stderr
+    assert json.loads(dec.stdout) == doc
+    wrong = run("decrypt", "--config", str(example), "--field", "$.ssn", "--context", "tenant=other", stdin=enc.stdout)
+    assert wrong.returncode == 1
+    assert b"123-45-6789" not in wrong.stdout + wrong.stderr
+
+
+def _wait_listening(proc: subprocess.Popen[bytes]) -> list[Any]:
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if b"sidecrypt listening" in line:
+            return list(json.loads(line)["addresses"])
+    raise AssertionError("sidecrypt did not start")
+
+
+def test_run_serves_then_drains_on_sigterm(example: Path, tmp_path: Path) -> None:
+    env = {"SIDECRYPT_LISTEN_ADDRESS": "127.0.0.1:0", "SIDECRYPT_ADMIN_ADDRESS": "127.0.0.1:0", "SIDECRYPT_UPSTREAM_URL": "http://127.0.0.1:9"}
+    proc = subprocess.Popen([*SIDECRYPT, "run", "--config", str(example)], stderr=subprocess.PIPE, env={**os.environ, **env})
+    try:
+        addresses = _wait_listening(proc)
+        admin = addresses[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin[1]}/healthz", timeout=5) as r:
+            assert json.loads(r.read())["status"] == "ok"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{admin[1]}/readyz", timeout=5)
+            raise AssertionError("readyz should be 503 with the upstream down")
+        except urllib.error.HTTPError as err:
+            assert err.code == 503
+            assert json.loads(err.read())["checks"]["upstream"]["ok"] is False
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
