@@ -149,7 +149,7 @@ class DataKeyService:
         self.audit = audit
         self._clock = clock
         self._enc: dict[tuple[str, Context], CachedKey] = {}
-        self._dec: OrderedDict[bytes, tuple[AESGCM, float]] = OrderedDict()
+        self._dec: OrderedDict[bytes, tuple[AESGCM, float, float]] = OrderedDict()
         self._inflight: dict[object, asyncio.Future[Any]] = {}
         self.stats: dict[str, int] = {
             "encrypt_hits": 0,
@@ -158,6 +158,7 @@ class DataKeyService:
             "decrypt_misses": 0,
             "evictions": 0,
             "provider_errors": 0,
+            "stale_hits": 0,
         }
 
     def provider(self, name: str) -> KeyProvider:
@@ -179,8 +180,9 @@ class DataKeyService:
             or entry.bytes + nbytes > limits.max_bytes
             or self._clock() >= entry.expires
         ):
-            del self._enc[(name, context)]
-            self.stats["evictions"] += 1
+            if not self._stale_ok(entry, nbytes):
+                del self._enc[(name, context)]
+                self.stats["evictions"] += 1
             return None
         entry.uses += 1
         entry.bytes += nbytes
@@ -213,7 +215,16 @@ class DataKeyService:
             )
             return cached
 
-        fresh: CachedKey = await self._single_flight(flight, generate)
+        try:
+            fresh: CachedKey = await self._single_flight(flight, generate)
+        except KeyProviderError:
+            stale = self._enc.get((name, context))
+            if stale is None or not self._stale_ok(stale, nbytes):
+                raise
+            self.stats["stale_hits"] += 1
+            stale.uses += 1
+            stale.bytes += nbytes
+            return stale
         self.stats["encrypt_misses"] += 1
         if fresh.uses == 0 and nbytes > self.limits.max_bytes:
             # Over the byte limit on its own (ESDK: bypass the cache): use once, never reuse.
@@ -228,14 +239,25 @@ class DataKeyService:
 
     # -- decrypt side -----------------------------------------------------------------------
 
+    def _stale_ok(self, entry: CachedKey, nbytes: int) -> bool:
+        """While its provider fails, an expired key may serve up to ``provider.outage_grace``
+        seconds longer (KMS outage budget). Use and byte limits are never stretched."""
+        grace = float(getattr(entry.provider, "outage_grace", 0.0))
+        return (
+            entry.uses < self.limits.max_uses
+            and entry.bytes + nbytes <= self.limits.max_bytes
+            and self._clock() < entry.expires + grace
+        )
+
     def cached_for_decrypt(self, wrapped: bytes) -> AESGCM | None:
         hit = self._dec.get(wrapped)
         if hit is None:
             return None
-        aead, expires = hit
+        aead, expires, stale_until = hit
         if self._clock() >= expires:
-            del self._dec[wrapped]
-            self.stats["evictions"] += 1
+            if self._clock() >= stale_until:  # else kept for for_decrypt's outage fallback
+                del self._dec[wrapped]
+                self.stats["evictions"] += 1
             return None
         self._dec.move_to_end(wrapped)
         self.stats["decrypt_hits"] += 1
@@ -266,7 +288,9 @@ class DataKeyService:
             if len(plaintext) != DATA_KEY_BYTES:
                 raise KeyProviderError(f"key {name!r}: provider returned a malformed data key")
             aead = AESGCM(plaintext)
-            self._dec[wrapped] = (aead, self._clock() + self.limits.decrypt_ttl)
+            expires = self._clock() + self.limits.decrypt_ttl
+            grace = float(getattr(provider, "outage_grace", 0.0))
+            self._dec[wrapped] = (aead, expires, expires + grace)
             while len(self._dec) > self.limits.decrypt_entries:
                 self._dec.popitem(last=False)
                 self.stats["evictions"] += 1
@@ -282,7 +306,14 @@ class DataKeyService:
             )
             return aead
 
-        aead = await self._single_flight(("dec", wrapped), unwrap)
+        try:
+            aead = await self._single_flight(("dec", wrapped), unwrap)
+        except KeyProviderError:
+            hit = self._dec.get(wrapped)  # expired but kept: serve it while the provider fails
+            if hit is None or self._clock() >= hit[2]:
+                raise
+            self.stats["stale_hits"] += 1
+            return hit[0]
         self.stats["decrypt_misses"] += 1
         return aead
 
