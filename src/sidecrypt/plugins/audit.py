@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 512
 CLOSE_TIMEOUT = 5.0
+NEVER_REFUSE = frozenset({"request_failed"})
 
 
 class FileSink:
@@ -183,17 +184,21 @@ class AuditTrail:
         return not self.block or (self.healthy and not self._closed and not self.queue.full())
 
     def submit(self, event: AuditEvent) -> None:
+        """Queue an event. With ``block`` a key use that cannot be recorded raises AuditError;
+        a ``request_failed`` event never raises (it reports a refusal, refusing again helps
+        nobody)."""
         if self._closed:
             self._drop()
             return
+        refuse = self.block and event.action not in NEVER_REFUSE
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
-            if self.block:
+            if refuse:
                 raise AuditError("the audit queue is full; refusing to act unaudited") from None
             self._drop()
             return
-        if self.block and not self.healthy:
+        if refuse and not self.healthy:
             raise AuditError("the audit sink is failing; refusing to act unaudited")
 
     def _drop(self) -> None:
@@ -222,6 +227,7 @@ class AuditTrail:
             self.chain.seq, self.chain.prev = resume["seq"], resume["mac"]
             body.update(reason="resume", previous_sealed=resume.get("kind") == "seal")
         await self._emit([self._seal("chain_start", body)], retry=False)
+        self._last_checkpoint = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="sidecrypt-audit-writer")
 
     async def close(self) -> None:

@@ -1,0 +1,326 @@
+"""The audit trail: sealing off the request path, files, rotation, resume, block and drop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from sidecrypt import appkeys, config, hookimpl
+from sidecrypt.audit_chain import Record, verify_files
+from sidecrypt.errors import AuditError, ConfigError
+from sidecrypt.events import AuditEvent
+from sidecrypt.plugin_manager import make_plugin_manager
+from sidecrypt.plugins import audit
+from sidecrypt.plugins.audit import TRAIL, AuditTrail, FileSink, audit_healthy
+
+KEY = b"audit-key-0123456789abcdef"
+
+
+class CollectSink:
+    """A real sink that keeps records in memory; can fail or stall on demand."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.fail = False
+        self.stall: asyncio.Event | None = None
+        self.closed = False
+        self.writes = 0
+
+    async def write(self, records: Sequence[Record]) -> None:
+        self.writes += 1
+        if self.stall is not None:
+            await self.stall.wait()
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        self.records.extend(records)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def events(self) -> list[dict[str, Any]]:
+        return [r.data["event"] for r in self.records if r.kind == "event"]
+
+    def dump(self, path: Path) -> Path:
+        path.write_bytes(b"".join(r.line for r in self.records))
+        return path
+
+
+def event(i: int = 0, action: str = "encrypt_fields") -> AuditEvent:
+    return AuditEvent(action, key="app", fields=("$.ssn",), count=1, request_id=f"r{i}")
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never became true")
+
+
+# -- the trail on its own ----------------------------------------------------------------------
+
+
+async def test_events_are_sealed_in_order_and_verify(tmp_path: Path) -> None:
+    sink = CollectSink()
+    trail = AuditTrail([sink], KEY, checkpoint_interval=60)
+    await trail.start()
+    for i in range(20):
+        trail.submit(event(i))
+    await trail.close()
+    assert [e["request_id"] for e in sink.events()] == [f"r{i}" for i in range(20)]
+    assert sink.records[0].kind == "chain_start" and sink.records[-1].kind == "seal"
+    assert [r.seq for r in sink.records] == list(range(1, len(sink.records) + 1))
+    assert sink.closed
+    assert verify_files([sink.dump(tmp_path / "a.jsonl")], KEY).ok
+
+
+async def test_idle_writer_writes_a_checkpoint() -> None:
+    sink = CollectSink()
+    trail = AuditTrail([sink], KEY, checkpoint_interval=0.05)
+    await trail.start()
+    trail.submit(event())
+    await until(lambda: sink.records[-1].kind == "checkpoint")
+    await trail.close()
+    assert sink.records[-2].data["written"] == 1
+
+
+async def test_file_sink_resumes_the_chain_across_runs(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    for run in range(2):
+        trail = AuditTrail([FileSink(path)], KEY)
+        await trail.start()
+        trail.submit(event(run))
+        await trail.close()
+    result = verify_files([path], KEY)
+    assert result.ok, result.summary()
+    starts = [json.loads(line) for line in path.read_text().splitlines()]
+    resume = [r for r in starts if r["kind"] == "chain_start"][1]
+    assert resume["reason"] == "resume" and resume["previous_sealed"] is True
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_unclean_stop_is_flagged_after_resume(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail([FileSink(path)], KEY)
+    await trail.start()
+    trail.submit(event(1))
+    await trail.close()
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:-1]))  # no seal
+    trail = AuditTrail([FileSink(path)], KEY)
+    await trail.start()
+    await trail.close()
+    result = verify_files([path], KEY)
+    assert result.ok and len(result.warnings) == 1 and "without a seal" in result.warnings[0]
+
+
+async def test_resume_with_another_key_or_damaged_tail_refuses_to_start(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail([FileSink(path)], KEY)
+    await trail.start()
+    await trail.close()
+    with pytest.raises(AuditError, match="does not authenticate"):
+        await AuditTrail([FileSink(path)], b"another-key-0123456789").start()
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(AuditError, match="last line"):
+        await AuditTrail([FileSink(path)], KEY).start()
+
+
+async def test_unwritable_file_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match="cannot open audit file"):
+        await AuditTrail([FileSink(tmp_path / "missing" / "a.jsonl")], KEY).start()
+
+
+async def test_rotation_keeps_the_chain_verifiable(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail([FileSink(path, max_bytes=4096)], KEY)
+    await trail.start()
+    for i in range(150):
+        trail.submit(event(i))
+        if i % 10 == 0:
+            await until(trail.queue.empty)  # small batches, so rotations interleave
+    await trail.close()
+    files = sorted(tmp_path.glob("audit.jsonl*"))
+    assert len(files) >= 3
+    result = verify_files(reversed(files), KEY)
+    assert result.ok, result.summary()
+    assert result.complete_start
+    events = [
+        json.loads(line)["event"]["request_id"]
+        for f in result.files
+        for line in Path(f).read_text().splitlines()
+        if json.loads(line)["kind"] == "event"
+    ]
+    assert events == [f"r{i}" for i in range(150)]
+    newest = verify_files([path], KEY)
+    assert newest.ok and not newest.complete_start  # older files not given: stated, not hidden
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["kind"] == "chain_start" and first["reason"] == "rotate"
+
+
+async def test_rotation_keeps_only_keep_files(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail([FileSink(path, max_bytes=4096, keep=2)], KEY)
+    await trail.start()
+    for i in range(150):
+        trail.submit(event(i))
+        if i % 10 == 0:
+            await until(trail.queue.empty)
+    await trail.close()
+    assert sorted(p.name for p in tmp_path.glob("audit.jsonl*")) == [
+        "audit.jsonl",
+        "audit.jsonl.1",
+        "audit.jsonl.2",
+    ]
+    assert verify_files(tmp_path.glob("audit.jsonl*"), KEY).ok
+
+
+async def test_block_refuses_while_the_sink_fails_and_recovers_in_order(tmp_path: Path) -> None:
+    sink = CollectSink()
+    trail = AuditTrail([sink], KEY, block=True)
+    app = web.Application()
+    app[TRAIL] = trail
+    check = dict(audit.sidecrypt_readiness(app))["audit"]
+    await trail.start()
+    sink.fail = True
+    trail.submit(event(1))
+    await until(lambda: not trail.healthy)
+    assert not audit_healthy(app) and not trail.accepting()
+    with pytest.raises(AuditError, match="sink is failing"):
+        trail.submit(event(2))
+    trail.submit(event(3, action="request_failed"))  # reporting a refusal never raises
+    with pytest.raises(AuditError):
+        await check()
+    sink.fail = False
+    await until(lambda: trail.healthy)
+    assert audit_healthy(app)
+    await check()
+    await trail.close()
+    # Event 2 was queued before the refusal: recorded, in order, nothing lost.
+    assert [e["request_id"] for e in sink.events()] == ["r1", "r2", "r3"]
+    assert verify_files([sink.dump(tmp_path / "a.jsonl")], KEY).ok
+
+
+async def test_block_refuses_when_the_queue_is_full() -> None:
+    sink = CollectSink()
+    trail = AuditTrail([sink], KEY, block=True, queue_size=2)
+    await trail.start()
+    sink.stall = asyncio.Event()
+    writes = sink.writes
+    trail.submit(event(1))
+    await until(lambda: sink.writes > writes)  # the writer took event 1 and stalls in write()
+    trail.submit(event(2))
+    trail.submit(event(3))
+    assert not trail.accepting()
+    with pytest.raises(AuditError, match="queue is full"):
+        trail.submit(event(4))
+    sink.stall.set()
+    await trail.close()
+    assert [e["request_id"] for e in sink.events()] == ["r1", "r2", "r3"]
+
+
+async def test_drop_counts_and_records_the_drop(tmp_path: Path) -> None:
+    sink = CollectSink()
+    trail = AuditTrail([sink], KEY, block=False, queue_size=2)
+    await trail.start()
+    sink.stall = asyncio.Event()
+    writes = sink.writes
+    trail.submit(event(1))
+    await until(lambda: sink.writes > writes)
+    for i in range(2, 12):
+        trail.submit(event(i))  # never raises
+    assert trail.accepting()
+    assert trail.dropped == 8
+    sink.stall.set()
+    await trail.close()
+    drops = [r.data for r in sink.records if r.kind == "drop"]
+    assert drops and drops[0]["dropped"] == 8
+    assert verify_files([sink.dump(tmp_path / "a.jsonl")], KEY).ok
+
+
+# -- the plugin in an app ----------------------------------------------------------------------
+
+
+class SinkPlugin:
+    def __init__(self, sink: CollectSink) -> None:
+        self.sink = sink
+
+    @hookimpl
+    def sidecrypt_audit_sinks(self, settings: config.Settings) -> list[Any]:
+        return [self.sink]
+
+
+def make_app(raw_audit: dict[str, Any], *extra: object) -> web.Application:
+    settings = config.parse({"upstream": {"url": "http://127.0.0.1:9"}, "audit": raw_audit})
+    pm = make_plugin_manager([audit, *extra], builtins=False, entry_points=False)
+    app = web.Application()
+    app[appkeys.PLUGIN_MANAGER] = pm
+    pm.hook.sidecrypt_app(app=app, settings=settings)
+    return app
+
+
+async def test_each_app_has_its_own_trail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aiohttp_client: Any
+) -> None:
+    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
+    key = {"env": "AUDIT_KEY"}
+    first = make_app({"file": str(tmp_path / "one.jsonl"), "hmac_key": key})
+    second = make_app({"file": str(tmp_path / "two.jsonl"), "hmac_key": key})
+    await aiohttp_client(first)
+    client = await aiohttp_client(second)
+    first[appkeys.PLUGIN_MANAGER].hook.sidecrypt_audit(event=event(1))
+    second[appkeys.PLUGIN_MANAGER].hook.sidecrypt_audit(event=event(2))
+    assert first[appkeys.AUDIT_GATE]() and audit_healthy(second)
+    await first[TRAIL].close()
+    await client.close()
+    one = [orjson.loads(x) for x in (tmp_path / "one.jsonl").read_bytes().splitlines()]
+    two = [orjson.loads(x) for x in (tmp_path / "two.jsonl").read_bytes().splitlines()]
+    assert [r["event"]["request_id"] for r in one if r["kind"] == "event"] == ["r1"]
+    assert [r["event"]["request_id"] for r in two if r["kind"] == "event"] == ["r2"]
+    assert verify_files([tmp_path / "one.jsonl"], KEY).ok
+
+
+async def test_audit_off_without_sinks() -> None:
+    app = make_app({})
+    assert TRAIL not in app and audit_healthy(app)
+    app[appkeys.PLUGIN_MANAGER].hook.sidecrypt_audit(event=event())  # a no-op, no error
+
+
+def test_a_sink_without_hmac_key_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"audit\.hmac_key: required"):
+        make_app({}, SinkPlugin(CollectSink()))
+    with pytest.raises(ConfigError, match=r"audit\.hmac_key: required"):
+        config.parse({"upstream": {"url": "http://a.test"}, "audit": {"file": "-"}})
+
+
+def test_unset_or_short_key_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_AUDIT_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"audit\.hmac_key: environment variable NO_SUCH"):
+        make_app({"file": "-", "hmac_key": {"env": "NO_SUCH_AUDIT_KEY"}})
+    monkeypatch.setenv("SHORT_AUDIT_KEY", "short")
+    with pytest.raises(ConfigError, match="at least 16 bytes") as info:
+        make_app({"file": "-", "hmac_key": {"env": "SHORT_AUDIT_KEY"}})
+    assert "short" not in str(info.value).replace("SHORT_AUDIT_KEY", "")
+
+
+async def test_stdout_sink_writes_chained_lines(
+    monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
+    app = make_app({"file": "-", "hmac_key": {"env": "AUDIT_KEY"}})
+    trail = app[TRAIL]
+    await trail.start()
+    trail.submit(event(7))
+    await trail.close()
+    out = capfdbinary.readouterr().out
+    (tmp_path / "stdout.jsonl").write_bytes(out)
+    assert verify_files([tmp_path / "stdout.jsonl"], KEY).ok
+    assert b'"request_id":"r7"' in out
