@@ -85,7 +85,12 @@ class JwtConfig(_Model):
     audience: tuple[str, ...] = Field(min_length=1)
     public_keys: tuple[Path, ...] = ()
     jwks_file: Path | None = None
-    algorithms: tuple[Literal["RS256", "ES256", "EdDSA"], ...] = ("RS256", "ES256", "EdDSA")
+    algorithms: tuple[Literal["RS256", "ES256", "EdDSA", "Ed25519"], ...] = (
+        "RS256",
+        "ES256",
+        "EdDSA",
+        "Ed25519",
+    )
     leeway: Annotated[int, Field(ge=0, le=300)] = 30  # seconds of clock skew for exp/nbf/iat
     subject_claim: str = "sub"
     roles_claim: str | None = "roles"

@@ -1,6 +1,6 @@
 """JWT bearer tokens as caller identity, verified with joserfc against configured public keys.
 
-Only asymmetric algorithms are accepted (RS256, ES256, EdDSA), and each algorithm only with its own
+Only asymmetric algorithms are accepted (RS256, ES256, EdDSA and its RFC 9864 name Ed25519), and each algorithm only with its own
 key type: ``alg: none`` and the classic "HS256 signed with the public key as HMAC secret" attack
 are refused before any signature check. Issuer, audience and expiry are mandatory; ``nbf`` and
 ``iat`` are checked when present, all with a small leeway for clock skew.
@@ -32,6 +32,7 @@ _ALG_KEYS: dict[str, tuple[type[Key], frozenset[str] | None]] = {
     "RS256": (RSAKey, None),
     "ES256": (ECKey, frozenset({"P-256"})),
     "EdDSA": (OKPKey, frozenset({"Ed25519", "Ed448"})),
+    "Ed25519": (OKPKey, frozenset({"Ed25519"})),  # RFC 9864's fully specified name for EdDSA
 }
 ALGORITHMS = tuple(_ALG_KEYS)
 
