@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from pydantic import ValidationError
 
 from kms_server import DUMMY_ENV, KmsServer
@@ -388,3 +390,52 @@ def test_missing_aiobotocore_skips_the_plugin(monkeypatch: pytest.MonkeyPatch) -
     types = provider_types(make_plugin_manager(entry_points=False))
     assert "kms" not in types and "local" in types
     assert aws_kms.sidecrypt_key_provider_types() == [KmsKeyProvider]
+
+
+async def test_throttling_and_5xx_are_retried_with_backoff(
+    aiohttp_server: Any, make_provider: Factory
+) -> None:
+    """A scripted KMS endpoint: 429/5xx are retried (each attempt counted), 4xx is not."""
+    script: list[tuple[int, str]] = []
+    seen: list[str] = []
+
+    async def kms(request: web.Request) -> web.Response:
+        op = request.headers["X-Amz-Target"].split(".")[-1]
+        seen.append(op)
+        if op == "GenerateDataKey" and script:
+            status, code = script.pop(0)
+            return web.json_response({"__type": code, "message": "scripted"}, status=status)
+        blob = base64.b64encode(b"\x01" * 64).decode()
+        return web.json_response(
+            {
+                "CiphertextBlob": blob,
+                "Plaintext": base64.b64encode(b"\x02" * 32).decode(),
+                "KeyId": "arn:aws:kms:us-east-1:123456789012:key/k",
+                "KeyMetadata": {"KeyId": "k"},
+            },
+            content_type="application/x-amz-json-1.1",
+        )
+
+    app = web.Application()
+    app.router.add_post("/", kms)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    provider = await make_provider(endpoint_url=f"http://127.0.0.1:{server.port}", max_attempts=3)
+
+    script[:] = [(400, "ThrottlingException"), (500, "KMSInternalException")]
+    dk = await provider.generate_data_key(CTX)
+    assert dk.plaintext == b"\x02" * 32
+    assert provider.stats.count("GenerateDataKey", "throttled") == 1
+    assert provider.stats.count("GenerateDataKey", "server_error") == 1
+    assert provider.stats.retries == 2
+
+    script[:] = [(503, "ServiceUnavailable")] * 3
+    with pytest.raises(KeyProviderError, match="server_error") as info:
+        await provider.generate_data_key(CTX)
+    assert info.value.retry_after >= 1
+    assert provider.stats.count("GenerateDataKey", "server_error") == 4  # 1 + 3 attempts
+
+    script[:] = [(400, "AccessDeniedException")]
+    with pytest.raises(KeyProviderError, match="AccessDenied"):
+        await provider.generate_data_key(CTX)
+    assert provider.stats.count("GenerateDataKey", "rejected") == 1 and provider.stats.retries == 4
+    assert provider.breaker.consecutive == 2
