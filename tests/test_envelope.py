@@ -239,11 +239,12 @@ def test_wrong_data_key_is_rejected() -> None:
         (b64(b"\x02" + payload(TOKEN)[1:]), "version 2"),
         (b64(payload(TOKEN)[:20]), "truncated"),
         (b64(payload(TOKEN)[:-17]), None),  # loses the tag: too short or fails auth
-        (b64(b"\x01\x00"), "provider"),
-        (b64(b"\x01\x05LOCAL"), "provider"),
+        (b64(b"\x01\x00\x03app" + bytes(40)), "provider"),
+        (b64(b"\x01\x05LOCAL\x03app" + bytes(40)), "provider"),
         (b64(b"\x01\x05local\x00" + bytes(40)), "empty key name"),
+        (b64(b"\x01\x05local\x02\xff\xfe\x00\x00\x00\x01\x00\x00\x01x" + bytes(40)), "UTF-8"),
         (b64(b"\x01\x05local\x03app\x00\x00\x00\x01\x00\x00\x00" + bytes(40)), "wrapped"),
-        (b64(b"\x01\x05local\x03app\x00\x00\x00\x01\x00\x10\x01" + bytes(40)), "wrapped"),
+        (b64(b"\x01\x05local\x03app\x00\x00\x00\x01\x00\x10\x01" + bytes(4200)), "wrapped"),
         (b64(b"\x01\x05local\x03app\x00\x00\x00\x01\x01\x00" + bytes(40)), "context"),
         (
             b64(

@@ -15,9 +15,8 @@ import json
 import os
 import re
 import struct
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from cryptography.exceptions import InvalidTag
@@ -79,9 +78,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """A parsed token. Nothing here is secret: the data key is wrapped."""
+class Envelope(NamedTuple):
+    """A parsed token (immutable; a NamedTuple is cheaper to build than a frozen dataclass).
+
+    Nothing here is secret: the data key is wrapped.
+    """
 
     version: int
     provider: str
@@ -196,6 +197,61 @@ def _decode(token: str) -> bytes:
         raise _fail("not base64url without padding") from None
 
 
+def _header_end(data: bytes) -> int:
+    """Walk the length prefixes only; the fields are decoded (and cached) by _header_fields."""
+    try:
+        pos = 2 + data[1]
+        pos += 5 + data[pos]
+        count = data[pos]
+        pos += 1
+        for _ in range(count):
+            pos += 1 + data[pos]
+            pos += 2 + (data[pos] << 8 | data[pos + 1])
+        return pos + 2 + (data[pos] << 8 | data[pos + 1])
+    except IndexError:
+        raise _fail("truncated header") from None
+
+
+@lru_cache(maxsize=4096)
+def _header_fields(header: bytes) -> tuple[str, str, int, keys.Context, bytes]:
+    """Decode and validate a header; memoised because one data key's header repeats."""
+    try:
+        n = header[1]
+        provider = header[2 : 2 + n].decode("ascii")
+        pos = 2 + n
+        if not _PROVIDER.fullmatch(provider):
+            raise _fail("bad provider type")
+        n = header[pos]
+        if n == 0:
+            raise _fail("empty key name")
+        key_name = header[pos + 1 : pos + 1 + n].decode()
+        pos += 1 + n
+        (key_version,) = _U32.unpack_from(header, pos)
+        pos += 4
+        pairs = []
+        count = header[pos]
+        pos += 1
+        for _ in range(count):
+            n = header[pos]
+            if n == 0:
+                raise _fail("empty context name")
+            k = header[pos + 1 : pos + 1 + n].decode()
+            pos += 1 + n
+            (n,) = _U16.unpack_from(header, pos)
+            v = header[pos + 2 : pos + 2 + n].decode()
+            pos += 2 + n
+            pairs.append((k, v))
+        (n,) = _U16.unpack_from(header, pos)
+    except UnicodeDecodeError:
+        raise _fail("invalid UTF-8 in header") from None
+    if not 0 < n <= keys.MAX_WRAPPED_BYTES:
+        raise _fail("wrapped data key length out of range")
+    context = tuple(pairs)
+    if count > 1 and any(a[0] >= b[0] for a, b in itertools.pairwise(context)):
+        raise _fail("encryption context not in canonical order")
+    return provider, key_name, key_version, context, header[pos + 2 :]
+
+
 def parse(token: str) -> Envelope:
     """Decode and check a token's structure (not its authenticity: that is decrypt's job)."""
     data = _decode(token)
@@ -206,55 +262,21 @@ def parse(token: str) -> Envelope:
         raise CryptoError(
             f"unsupported field ciphertext version {data[0]}", code="malformed_ciphertext"
         )
-    try:
-        pos = 1
-        n = data[pos]
-        provider = data[pos + 1 : pos + 1 + n].decode("ascii")
-        pos += 1 + n
-        if not _PROVIDER.fullmatch(provider):
-            raise _fail("bad provider type")
-        n = data[pos]
-        if n == 0:
-            raise _fail("empty key name")
-        key_name = data[pos + 1 : pos + 1 + n].decode()
-        pos += 1 + n
-        (key_version,) = _U32.unpack_from(data, pos)
-        pos += 4
-        pairs = []
-        count = data[pos]
-        pos += 1
-        for _ in range(count):
-            n = data[pos]
-            if n == 0:
-                raise _fail("empty context name")
-            k = data[pos + 1 : pos + 1 + n].decode()
-            pos += 1 + n
-            (n,) = _U16.unpack_from(data, pos)
-            v = data[pos + 2 : pos + 2 + n].decode()
-            pos += 2 + n
-            pairs.append((k, v))
-        (n,) = _U16.unpack_from(data, pos)
-        if not 0 < n <= keys.MAX_WRAPPED_BYTES:
-            raise _fail("wrapped data key length out of range")
-        wrapped = data[pos + 2 : pos + 2 + n]
-        pos += 2 + n
-    except (IndexError, struct.error, UnicodeDecodeError):
-        raise _fail("truncated or invalid header") from None
-    if pos > size or size - pos < NONCE_BYTES + TAG_BYTES:
+    pos = _header_end(data)
+    if size - pos < NONCE_BYTES + TAG_BYTES:
         raise _fail("truncated")
-    context = tuple(pairs)
-    if count > 1 and any(a[0] >= b[0] for a, b in itertools.pairwise(context)):
-        raise _fail("encryption context not in canonical order")
+    header = data[:pos]
+    provider, key_name, key_version, context, wrapped = _header_fields(header)
     return Envelope(
-        version=VERSION,
-        provider=provider,
-        key_name=key_name,
-        key_version=key_version,
-        context=context,
-        wrapped=wrapped,
-        nonce=data[pos : pos + NONCE_BYTES],
-        ciphertext=data[pos + NONCE_BYTES :],
-        header=data[:pos],
+        VERSION,
+        provider,
+        key_name,
+        key_version,
+        context,
+        wrapped,
+        data[pos : pos + NONCE_BYTES],
+        data[pos + NONCE_BYTES :],
+        header,
     )
 
 

@@ -467,3 +467,30 @@ def test_mask() -> None:
     assert mask("4111111111111111") == "****1111"
     assert mask("1234567") == "****"
     assert mask(None) == "****" and mask({"a": 1}) == "****"
+
+
+async def test_labels_come_from_the_path_not_the_selector_spelling(crypto: FieldCrypto) -> None:
+    writer = make_route(['$["card"]["number"]', "$['a b']"])
+    sealed, labels = await seal_body(crypto, writer, {"card": {"number": "4111"}, "a b": 1})
+    assert labels == ["$.card.number", "$['a b']"]
+    reader = make_route(["$..number", "$.*"])  # walked selectors reach the same labels
+    opened, _, _ = await open_body(crypto, reader, sealed)
+    assert opened == {"card": {"number": "4111"}, "a b": 1}
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [{"a": None}, {"a": [1]}, {"a": "s"}, {"a": {"c": 1}}, [{"a": {"b": 1}}], None, "x"],
+)
+async def test_member_chain_that_does_not_reach_matches_nothing(
+    crypto: FieldCrypto, doc: Any
+) -> None:
+    route = make_route(["$.a.b"])
+    raw = orjson.dumps(doc)
+    assert (await crypto.encrypt_body(raw, route, route.request_encrypt, ()))[0] is raw
+
+
+async def test_member_chain_reaches_null_values(crypto: FieldCrypto) -> None:
+    route = make_route(["$.a.b"])
+    sealed, labels = await seal_body(crypto, route, {"a": {"b": None}})
+    assert labels == ["$.a.b"] and envelope.is_envelope(sealed["a"]["b"])

@@ -1,8 +1,9 @@
 """JSON body transforms: encrypt or decrypt the fields a route selects.
 
 One parse and one serialise per body. Slots are collected before anything changes; a slot is
-handled once even if several selectors reach it (the first selector's ``bind_as`` wins), and a
-slot inside another selected slot is skipped (the outer value is encrypted whole).
+handled once even if several selectors reach it (the first selector's ``bind_as`` wins). When
+encrypting, a slot inside another selected slot is skipped: the outer value is encrypted whole
+(and on decrypt the inner selector then finds nothing until the outer one is opened).
 
 Encrypt always encrypts, even a value that already looks like a token: leaving client-supplied
 tokens alone would let a client plant a token copied from another record and have the proxy
@@ -17,9 +18,19 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import orjson
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .. import keys
-from ..envelope import build_header, decrypt_value, dumps_json, is_envelope, loads_json, parse, seal
+from ..envelope import (
+    Envelope,
+    build_header,
+    decrypt_value,
+    dumps_json,
+    is_envelope,
+    loads_json,
+    parse,
+    seal,
+)
 from ..errors import AccessDenied, CryptoError, PluginError, RequestError, SidecryptError
 from ..selectors import label as path_label
 from .routes import CompiledField, CompiledRoute, adhoc_route
@@ -53,33 +64,52 @@ def _serialise(doc: Any) -> bytes:
         return dumps_json(doc)
 
 
-def _collect(doc: Any, specs: Sequence[CompiledField], *, check_required: bool) -> list[_Slot]:
+def _find(doc: Any, spec: CompiledField) -> list[tuple[Any, str | int, tuple[str | int, ...], str]]:
+    """(container, key, concrete path, label) for each slot; plain member chains skip the walk."""
+    members = spec.members
+    if members is not None:
+        node = doc
+        for name in members[:-1]:
+            if not isinstance(node, dict):
+                return []
+            node = node.get(name)
+        last = members[-1]
+        if isinstance(node, dict) and last in node:
+            return [(node, last, members, spec.fixed_label or "")]
+        return []
+    fixed = spec.fixed_label
+    return [(c, k, p, fixed or _label(p)) for c, k, p in spec.selector.slots(doc)]
+
+
+def _collect(doc: Any, specs: Sequence[CompiledField], *, encrypting: bool) -> list[_Slot]:
     seen: set[tuple[str | int, ...]] = set()
     found: list[tuple[Any, str | int, tuple[str | int, ...], str]] = []
     for spec in specs:
-        matched = False
-        for container, key, path in spec.selector.slots(doc):
-            matched = True
-            if path not in seen:
-                seen.add(path)
-                found.append((container, key, path, spec.bind_as or _label(path)))
-        if check_required and spec.required and not matched:
+        slots = _find(doc, spec)
+        if encrypting and spec.required and not slots:
             raise RequestError(
                 f"required field {spec.text} is missing from the body", code="missing_field"
             )
-    if len(found) > 1:
-        found = [s for s in found if not any(s[2][:i] in seen for i in range(1, len(s[2])))]
+        for slot in slots:
+            if slot[2] not in seen:
+                seen.add(slot[2])
+                found.append(slot)
+    if encrypting and len(found) > 1:
+        # An outer slot is encrypted whole; slots inside it go with it.
+        outer = seen.intersection([s[2][:i] for s in found for i in range(1, len(s[2]))])
+        if outer:
+            found = [s for s in found if not any(s[2][:i] in outer for i in range(1, len(s[2])))]
     return [(c, k, lab) for c, k, _, lab in found]
 
 
 def assert_no_plaintext(body_obj: Any, specs: Sequence[CompiledField]) -> None:
     """Every slot a selector reaches must hold a token; raise naming the path otherwise."""
     for spec in specs:
-        for container, key, path in spec.selector.slots(body_obj):
+        for container, key, path, _ in _find(body_obj, spec):
             if not is_envelope(container[key]):
                 raise PlaintextGuardError(
-                    f"plaintext guard: {path_label(path)} (selector {spec.text}) is not encrypted; "
-                    "the body was not sent"
+                    f"plaintext guard: {path_label(path)} (selector {spec.text}) is not "
+                    "encrypted; the body was not sent"
                 )
 
 
@@ -105,7 +135,7 @@ class FieldCrypto:
     ) -> tuple[bytes, list[str]]:
         """Encrypt the selected fields; returns the new body and the labels encrypted."""
         doc = _parse(body)
-        slots = _collect(doc, specs, check_required=True)
+        slots = _collect(doc, specs, encrypting=True)
         if not slots:
             return body, []
         name = route.key
@@ -143,7 +173,7 @@ class FieldCrypto:
         but the policy still applies to them: mask and ciphertext outcomes mask them.
         """
         doc = _parse(body)
-        slots = _collect(doc, specs, check_required=False)
+        slots = _collect(doc, specs, encrypting=False)
         if not slots:
             return body, [], []
         labels: list[str] = []
@@ -171,7 +201,10 @@ class FieldCrypto:
                 outcomes.append((lab, "ciphertext"))
                 continue
             try:
-                plain = await self.open_token(value, route, context, lab)
+                env, aead = self._check(value, route, context, lab)
+                if aead is None:
+                    aead = await self._unwrap(env)
+                plain = decrypt_value(env, aead, lab)
             except CryptoError:
                 if route.on_decrypt_error != "ciphertext":
                     raise
@@ -189,6 +222,15 @@ class FieldCrypto:
         self, token: str, route: CompiledRoute, context: keys.Context, label: str
     ) -> Any:
         """Check a token against the route (key, provider, context) and decrypt it."""
+        env, aead = self._check(token, route, context, label)
+        if aead is None:
+            aead = await self._unwrap(env)
+        return decrypt_value(env, aead, label)
+
+    def _check(
+        self, token: str, route: CompiledRoute, context: keys.Context, label: str
+    ) -> tuple[Envelope, AESGCM | None]:
+        """Parse and vet a token before any key use; the AEAD if its data key is cached."""
         env = parse(token)
         if route.decrypt_keys is not None and env.key_name not in route.decrypt_keys:
             raise CryptoError(
@@ -201,12 +243,10 @@ class FieldCrypto:
             raise CryptoError(
                 f"field {label}: encryption context mismatch", code="context_mismatch"
             )
-        aead = self.keys.cached_for_decrypt(env.wrapped)
-        if aead is None:
-            aead = await self.keys.for_decrypt(
-                env.key_name, env.wrapped, env.key_version, env.context
-            )
-        return decrypt_value(env, aead, label)
+        return env, self.keys.cached_for_decrypt(env.wrapped)
+
+    async def _unwrap(self, env: Envelope) -> AESGCM:
+        return await self.keys.for_decrypt(env.key_name, env.wrapped, env.key_version, env.context)
 
     async def transform_document(
         self,

@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import config, keys
 from ..errors import ConfigError, RequestError
-from ..selectors import Selector, compile_selector
+from ..selectors import Selector, compile_selector, label
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SOURCES = ("header:", "path:", "query:")
@@ -32,6 +32,8 @@ class CompiledField:
     selector: Selector
     required: bool = False
     bind_as: str | None = None
+    members: tuple[str, ...] | None = None  # a plain member chain: no generator walk needed
+    fixed_label: str | None = None  # bind_as, or the label of a plain member chain
 
 
 def compile_fields(specs: Sequence[config.FieldSpec | str]) -> tuple[CompiledField, ...]:
@@ -40,9 +42,10 @@ def compile_fields(specs: Sequence[config.FieldSpec | str]) -> tuple[CompiledFie
     for spec in specs:
         if isinstance(spec, str):
             spec = config.FieldSpec(path=spec)
-        out.append(
-            CompiledField(spec.path, compile_selector(spec.path), spec.required, spec.bind_as)
-        )
+        selector = compile_selector(spec.path)
+        members = tuple(arg for _, arg in selector.steps) if selector.is_simple else None
+        fixed = spec.bind_as or (label(members) if members is not None else None)
+        out.append(CompiledField(spec.path, selector, spec.required, spec.bind_as, members, fixed))
     return tuple(out)
 
 
