@@ -324,3 +324,155 @@ async def test_stdout_sink_writes_chained_lines(
     (tmp_path / "stdout.jsonl").write_bytes(out)
     assert verify_files([tmp_path / "stdout.jsonl"], KEY).ok
     assert b'"request_id":"r7"' in out
+
+
+# -- through the proxy ---------------------------------------------------------------------------
+
+ROUTE = {
+    "match": {"methods": ["POST"], "path": "/users/**"},
+    "key": "app",
+    "context": {"tenant": "header:X-Tenant"},
+    "request": {"encrypt": ["$.ssn", "$.card.number"]},
+    "response": {"decrypt": ["$.ssn", "$.card.number"]},
+}
+
+
+def proxy_config(tmp_path: Path, upstream_url: str, **audit_opts: Any) -> dict[str, Any]:
+    from sidecrypt.keyring import create_key
+
+    ring = tmp_path / "keyring.json"
+    if not ring.exists():
+        create_key(ring, "app")
+    return {
+        "upstream": {"url": upstream_url},
+        "keys": {"app": {"provider": "local", "keyring": str(ring), "reload_interval": 0}},
+        "audit": {
+            "file": str(tmp_path / "audit.jsonl"),
+            "hmac_key": {"env": "AUDIT_KEY"},
+            "checkpoint_interval": 0.05,
+            **audit_opts,
+        },
+        "routes": [ROUTE],
+    }
+
+
+def summary(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(e["action"], e.get("count", 0), e.get("outcome")) for e in events]
+
+
+async def test_every_key_use_gives_exactly_the_expected_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Any, proxy_factory: Any
+) -> None:
+    import aiohttp
+
+    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
+    sink = CollectSink()
+    proxy = await proxy_factory(
+        proxy_config(tmp_path, upstream.url), tls=False, plugins=(SinkPlugin(sink),)
+    )
+    body = {"ssn": "123-45-6789", "card": {"number": "4111"}, "name": "Ann"}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                f"{proxy.url}/users/1", json=body, headers={"X-Tenant": "t1"}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                assert await resp.json() == body
+    first = [
+        ("generate_data_key", 0, "ok"),
+        ("encrypt_fields", 2, "ok"),
+        ("decrypt_data_key", 0, "ok"),
+        ("decrypt_fields", 2, "ok"),
+    ]
+    cached = [("encrypt_fields", 2, "ok"), ("decrypt_fields", 2, "ok")]  # no provider calls
+    await until(lambda: len(sink.events()) >= 6)
+    await asyncio.sleep(0.05)  # nothing more arrives
+    events = sink.events()
+    assert summary(events) == first + cached
+    req = events[1]
+    assert req["fields"] == ["$.ssn", "$.card.number"] and req["route"] == "POST /users/**"
+    assert req["key"] == "app" and req["provider"] == "local" and req["context"] == {"tenant": "t1"}
+    assert req["request_id"] and events[0]["cache"] == "miss"
+    # The file trail holds the same events and verifies while the proxy runs (after a checkpoint).
+    path = tmp_path / "audit.jsonl"
+    await until(lambda: b'"kind":"checkpoint"' in path.read_bytes().splitlines()[-1])
+    result = verify_files([path], KEY)
+    assert result.ok, result.summary()
+    stored = [orjson.loads(x) for x in path.read_bytes().splitlines()]
+    assert summary([r["event"] for r in stored if r["kind"] == "event"]) == first + cached
+
+
+async def test_block_with_failing_sink_refuses_with_503_and_forwards_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Any, proxy_factory: Any
+) -> None:
+    import aiohttp
+
+    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
+    sink = CollectSink()
+    proxy = await proxy_factory(
+        proxy_config(tmp_path, upstream.url, on_failure="block"),
+        tls=False,
+        plugins=(SinkPlugin(sink),),
+    )
+    trail = proxy.running.runners[0].app[TRAIL]
+    sink.fail = True
+    trail.submit(event(0))  # a key use elsewhere; its write fails
+    await until(lambda: not trail.healthy)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{proxy.url}/users/1", json={"ssn": "1"}, headers={"X-Tenant": "t"}
+        ) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "audit_unavailable"
+        async with session.get(f"{proxy.admin_url}/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["checks"]["audit"]["ok"] is False
+    assert upstream.seen == []
+    sink.fail = False
+    await until(lambda: trail.healthy)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{proxy.url}/users/1", json={"ssn": "1"}, headers={"X-Tenant": "t"}) as resp,
+    ):
+        assert resp.status == 200
+    assert len(upstream.seen) == 1
+
+
+async def test_drop_keeps_serving_and_counts_drops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Any, proxy_factory: Any
+) -> None:
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
+    sink = CollectSink()
+    proxy = await proxy_factory(
+        proxy_config(tmp_path, upstream.url, on_failure="drop", queue_size=1),
+        tls=False,
+        plugins=(SinkPlugin(sink),),
+    )
+    trail = proxy.running.runners[0].app[TRAIL]
+    sink.fail = True
+    trail.submit(event(0))  # a key use elsewhere; its write fails
+    await until(lambda: not trail.healthy)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(
+                f"{proxy.url}/users/1", json={"ssn": "1"}, headers={"X-Tenant": "t"}
+            ) as resp:
+                assert resp.status == 200
+        async with session.get(f"{proxy.admin_url}/readyz") as resp:
+            assert resp.status == 200
+        async with session.get(f"{proxy.admin_url}/metrics") as resp:
+            text = await resp.text()
+    assert len(upstream.seen) == 3
+    dropped = {
+        s.name: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "sidecrypt_audit_dropped_total"
+    }
+    assert dropped["sidecrypt_audit_dropped_total"] >= 3
+    assert trail.dropped == dropped["sidecrypt_audit_dropped_total"]
+    sink.fail = False
+    await until(lambda: any(r.kind == "drop" for r in sink.records))

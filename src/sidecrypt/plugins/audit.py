@@ -325,10 +325,13 @@ class AuditTrail:
                 except Exception as exc:
                     failed.append(sink)
                     self.sink_errors += 1
-                    log.error("audit sink %s failed: %s", sink.name, type(exc).__name__)
+                    level = logging.ERROR if self.healthy else logging.DEBUG  # once per outage
+                    log.log(level, "audit sink %s failed: %s", sink.name, type(exc).__name__)
                     if not retry:
                         raise AuditError(f"audit sink {sink.name} cannot write") from None
             if not failed:
+                if not self.healthy:
+                    log.warning("audit sinks write again")
                 self.healthy = True
                 return
             self.healthy = False
