@@ -300,3 +300,38 @@ def test_sidecrypt_app_installs_the_engine() -> None:
     app[appkeys.PLUGIN_MANAGER] = pm
     policy.sidecrypt_app(app, settings)
     assert view(pm, SUPPORT) == ["mask", "mask", "reveal", "drop"]
+
+
+TIERED: list[dict[str, Any]] = [
+    {
+        "fields": ["$.ssn", "$.card.number"],
+        "roles": ["billing"],
+        "purposes": ["*"],
+        "mask_for": {"roles": ["support", "billing"]},
+        "ciphertext_for": {"principals": ["mtls:stranger"]},
+        "drop_for": {"roles": ["intern"]},
+        "otherwise": "deny",
+    }
+]
+
+
+def test_tiers_give_each_caller_one_view() -> None:
+    pm = pm_for(make_settings({"rules": TIERED}))
+    intern = Principal("ivy", "mtls", frozenset({"intern"}))
+    assert view(pm, BILLING, purpose="invoice")[:2] == ["reveal", "reveal"]
+    assert view(pm, BILLING)[:2] == ["mask", "mask"]  # no purpose declared: next tier
+    assert view(pm, SUPPORT)[:2] == ["mask", "mask"]
+    assert view(pm, STRANGER)[:2] == ["ciphertext", "ciphertext"]
+    assert view(pm, intern)[:2] == ["drop", "drop"]
+    assert view(pm, None)[:2] == ["deny", "deny"]
+
+
+def test_tier_refs_are_cross_checked() -> None:
+    cfg = {"rules": [{"mask_for": {"roles": ["support", "jwt:x"]}}]}
+    with pytest.raises(ConfigError) as err:
+        policy.validate(make_settings(cfg))
+    assert err.value.path == "policy.rules[0].mask_for.roles[1]"
+    with pytest.raises(
+        ConfigError, match=r"policy\.rules\[0\]\.drop_for\.roles\[0\]: unknown role"
+    ):
+        make_settings({"rules": [{"drop_for": {"roles": ["ad:x"]}}]})

@@ -2,9 +2,24 @@
 
 Rules (``policy.rules``) are tried in order; the first whose ``key``, ``route`` and ``fields`` match
 a field decides it: callers named in ``principals`` or holding one of ``roles`` (and declaring one
-of ``purposes`` when given, via the ``X-Purpose`` header) get ``reveal``; everyone else gets the
+of ``purposes`` when given, via the ``X-Purpose`` header) get ``reveal``; callers in ``mask_for``,
+``ciphertext_for`` or ``drop_for`` (tried in that order) get that outcome; everyone else gets the
 rule's ``otherwise``: ``ciphertext`` (the field stays encrypted), ``mask``, ``drop`` or ``deny``
-(the whole response becomes 403).
+(the whole response becomes 403)::
+
+    policy:
+      purpose_header: X-Purpose
+      mask: {keep_last: 4, char: "*"}
+      admins: {roles: ["jwt:key-admin"]}
+      rules:
+        - key: app
+          route: "/users/**"
+          fields: ["$.ssn", "$.card.number"]
+          roles: [billing]                     # reveal
+          purposes: [billing, fraud-review]    # ...only with one of these declared
+          mask_for: {roles: [support]}
+          ciphertext_for: {principals: ["mtls:batch.internal"]}
+          otherwise: deny
 
 Default, stated: with **no rules**, every decrypted field is revealed to any caller that reaches
 the sidecar. That is the legacy expectation in server-side mode (the app behind the sidecar
@@ -107,6 +122,7 @@ class _Rule:
     principals: Refs
     roles: Refs
     purposes: frozenset[str]
+    tiers: tuple[tuple[str, Refs, Refs], ...]
     otherwise: str
     mask: MaskConfig
 
@@ -126,6 +142,7 @@ class PolicyEngine:
                 _refs(r.principals),
                 _refs(r.roles),
                 frozenset(r.purposes),
+                tuple((o, _refs(a.principals), _refs(a.roles)) for o, a in r.tiers()),
                 r.otherwise,
                 r.mask or cfg.mask,
             )
@@ -165,11 +182,14 @@ class PolicyEngine:
         rule = self.rule_for(route, key, field)
         if rule is None:
             return self.default
-        if not _matches(principal, rule.principals, rule.roles):
-            return rule.otherwise
-        if rule.purposes and not (purpose and (purpose in rule.purposes or "*" in rule.purposes)):
-            return rule.otherwise
-        return "reveal"
+        if _matches(principal, rule.principals, rule.roles) and (
+            not rule.purposes or (purpose and (purpose in rule.purposes or "*" in rule.purposes))
+        ):
+            return "reveal"
+        for outcome, principals, roles in rule.tiers:
+            if _matches(principal, principals, roles):
+                return outcome
+        return rule.otherwise
 
     def mask_for(self, route: str, key: str | None, field: str) -> MaskConfig:
         rule = self.rule_for(route, key, field)

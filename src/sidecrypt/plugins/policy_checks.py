@@ -54,6 +54,9 @@ def validate(settings: Settings) -> None:
                 )
         check_refs(rule.principals, f"{where}.principals", "principal")
         check_refs(rule.roles, f"{where}.roles", "role")
+        for outcome, who in rule.tiers():
+            check_refs(who.principals, f"{where}.{outcome}_for.principals", "principal")
+            check_refs(who.roles, f"{where}.{outcome}_for.roles", "role")
     admins = settings.policy.admins
     check_refs(admins.principals, "policy.admins.principals", "principal")
     check_refs(admins.roles, "policy.admins.roles", "role")
@@ -100,7 +103,7 @@ def startup_warnings(settings: Settings) -> list[str]:
                     "policy.rules to restrict who sees plaintext"
                 )
     sources = identity.configured_sources(settings)
-    names_callers = any(r.principals or r.roles for r in cfg.rules)
+    names_callers = any(r.principals or r.roles or r.tiers() for r in cfg.rules)
     if names_callers and not sources:
         out.append(
             "policy.rules name principals or roles but no identity source is configured: "

@@ -72,15 +72,20 @@ class MaskConfig(_Model):
     char: Annotated[str, Field(min_length=1, max_length=1)] = "*"
 
 
-class Admins(_Model):
-    """Who may administer keys (create, rotate, re-wrap through admin endpoints)."""
+class Audience(_Model):
+    """Callers by principal (``mtls:billing``, ``spiffe://...``) or role (``jwt:auditor``)."""
 
     principals: tuple[PrincipalRef, ...] = ()
     roles: tuple[RoleRef, ...] = ()
 
 
 class PolicyRule(_Model):
-    """First matching rule decides a field. Empty key/route/fields match everything."""
+    """First rule whose key/route/fields match decides a field (empty ones match everything).
+
+    Callers in ``principals``/``roles`` (with a declared purpose from ``purposes``, when given)
+    get ``reveal``; then ``mask_for``, ``ciphertext_for`` and ``drop_for`` are tried in that
+    order; everyone else gets ``otherwise``.
+    """
 
     key: str | None = None
     route: str | None = None
@@ -88,15 +93,27 @@ class PolicyRule(_Model):
     principals: tuple[PrincipalRef, ...] = ()
     roles: tuple[RoleRef, ...] = ()
     purposes: tuple[Annotated[str, AfterValidator(_purpose)], ...] = ()
+    mask_for: Audience | None = None
+    ciphertext_for: Audience | None = None
+    drop_for: Audience | None = None
     otherwise: Otherwise = "ciphertext"
     mask: MaskConfig | None = None
+
+    def tiers(self) -> tuple[tuple[str, Audience], ...]:
+        """The non-reveal audiences in the order they are tried."""
+        pairs = (
+            ("mask", self.mask_for),
+            ("ciphertext", self.ciphertext_for),
+            ("drop", self.drop_for),
+        )
+        return tuple((outcome, who) for outcome, who in pairs if who is not None)
 
 
 class PolicyConfig(_Model):
     default: Outcome | None = None  # fields no rule covers; unset: see effective_default
     purpose_header: Annotated[str, Field(min_length=1)] = "X-Purpose"
     mask: MaskConfig = MaskConfig()
-    admins: Admins = Admins()
+    admins: Audience = Audience()  # who may administer keys (admin endpoints), not use them
     rules: tuple[PolicyRule, ...] = ()
 
     @field_validator("purpose_header")
