@@ -183,3 +183,23 @@ def test_chain_never_shows_its_key() -> None:
     assert "kkkk" not in repr(chain)
     with pytest.raises(ValueError, match="at least 16 bytes"):
         Chain(b"short")
+
+
+def test_unreadable_file_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    result = verify_files([tmp_path / "missing.jsonl"], KEY)
+    assert result.problem is not None and result.problem.kind == "unreadable"
+    assert str(result).startswith("FAILED")
+
+
+def test_cli_verify_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sidecrypt import cli
+
+    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
+    path = write(tmp_path / "a.jsonl", lines_of(make_records()))
+    assert cli.main(["audit", "verify", str(path), "--key-env", "AUDIT_KEY"]) == 0
+    assert capsys.readouterr().out.startswith("OK: 7 records")
+    path.write_bytes(b"".join(lines_of(make_records())[:-1]))
+    assert cli.main(["audit", "verify", str(path), "--key-env", "AUDIT_KEY"]) != 0
+    assert "truncated" in capsys.readouterr().out

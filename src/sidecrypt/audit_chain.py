@@ -153,6 +153,9 @@ class VerifyResult:
     def ok(self) -> bool:
         return self.problem is None
 
+    def __str__(self) -> str:
+        return "\n".join([self.summary(), *(f"warning: {w}" for w in self.warnings)])
+
     def summary(self) -> str:
         if self.problem is not None:
             return f"FAILED: {self.problem}"
@@ -198,7 +201,14 @@ def _first_seq(entries: list[_Entry]) -> float:
 
 def verify_files(paths: Iterable[str | Path], key: bytes) -> VerifyResult:
     """Check a trail (one file or a rotated set, in any order) and report the first problem."""
-    loaded = [_load(Path(p)) for p in paths]
+    loaded = []
+    for p in paths:
+        try:
+            loaded.append(_load(Path(p)))
+        except OSError as exc:
+            return VerifyResult(
+                files=[str(p)], problem=Problem("unreadable", exc.strerror or "cannot read", str(p))
+            )
     loaded.sort(key=_first_seq)
     entries = [e for file_entries in loaded for e in file_entries]
     result = VerifyResult(files=[fe[0].file for fe in loaded if fe])
