@@ -476,3 +476,57 @@ async def test_drop_keeps_serving_and_counts_drops(
     assert trail.dropped == dropped["sidecrypt_audit_dropped_total"]
     sink.fail = False
     await until(lambda: any(r.kind == "drop" for r in sink.records))
+
+
+async def test_canary_values_never_leak(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    upstream: Any,
+    proxy_factory: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Distinctive plaintext and key values appear in no log, audit record, metric or error."""
+    import logging
+
+    import aiohttp
+
+    caplog.set_level(logging.DEBUG)
+    audit_key = "CANARY-AUDIT-KEY-5c1d0e7f"
+    monkeypatch.setenv("AUDIT_KEY", audit_key)
+    raw = proxy_config(tmp_path, upstream.url)
+    materials = [
+        v["material"]
+        for k in json.loads((tmp_path / "keyring.json").read_text())["keys"].values()
+        for v in k["versions"]
+    ]
+    ssn, card = "CANARY-SSN-918273", "CANARY-CARD-4111999"
+    canaries = [ssn, card, audit_key, *materials]
+    proxy = await proxy_factory(raw, tls=False)
+    bodies = []
+    async with aiohttp.ClientSession() as session:
+        url = f"{proxy.url}/users/1"
+        headers = {"X-Tenant": "t1"}
+        async with session.post(
+            url, json={"ssn": ssn, "card": {"number": card}}, headers=headers
+        ) as r:
+            assert r.status == 200
+            assert (await r.json())["ssn"] == ssn  # the full cycle really ran
+        broken = b'{"ssn": "' + ssn.encode() + b'", '  # malformed JSON with a value inside
+        async with session.post(
+            url, data=broken, headers={**headers, "Content-Type": "application/json"}
+        ) as r:
+            assert r.status == 400
+            bodies.append(await r.text())
+        async with session.get(f"{proxy.admin_url}/metrics") as r:
+            bodies.append(await r.text())
+    path = tmp_path / "audit.jsonl"
+    await until(lambda: b'"kind":"checkpoint"' in path.read_bytes().splitlines()[-1])
+    trail = path.read_text()
+    assert '"encrypt_fields"' in trail and '"decrypt_fields"' in trail
+    assert all(ssn not in up.body.decode() for up in upstream.seen)
+    logs = "\n".join(repr(r.__dict__) + r.getMessage() for r in caplog.records)
+    for canary in canaries:
+        assert canary not in trail
+        assert canary not in logs
+        for body in bodies:
+            assert canary not in body

@@ -167,3 +167,51 @@ async def test_audit_queue_series(
     assert value(samples, "sidecrypt_audit_queue_depth") == 0
     assert value(samples, "sidecrypt_audit_healthy") == 1
     assert "metrics-audit-key" not in text
+
+
+async def test_metrics_through_the_running_proxy(
+    tmp_path: Path, upstream: Any, proxy_factory: Any
+) -> None:
+    import aiohttp
+
+    create_key(tmp_path / "keyring.json", "app")
+    raw = {
+        "upstream": {"url": upstream.url},
+        "keys": {"app": {"provider": "local", "keyring": "keyring.json", "reload_interval": 0}},
+        "routes": [
+            {
+                "match": {"methods": ["POST"], "path": "/users/**"},
+                "key": "app",
+                "request": {"encrypt": ["$.ssn"]},
+            }
+        ],
+    }
+    proxy = await proxy_factory(raw, tls=False, base_dir=tmp_path)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(f"{proxy.url}/users/1", json={"ssn": CANARY}) as resp:
+                assert resp.status == 200
+        async with session.get(f"{proxy.url}/plain") as resp:
+            assert resp.status == 200
+        async with session.post(
+            f"{proxy.url}/users/1", data=b"{", headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 400
+        async with session.get(f"{proxy.admin_url}/metrics") as resp:
+            text = await resp.text()
+    samples = parse(text)
+    assert value(samples, "sidecrypt_requests_total", route=ROUTE_LABEL, status="200") == 2
+    assert value(samples, "sidecrypt_requests_total", route=ROUTE_LABEL, status="400") == 1
+    assert value(samples, "sidecrypt_requests_total", route="unmatched", status="200") == 1
+    assert value(samples, "sidecrypt_upstream_duration_seconds_count", route=ROUTE_LABEL) == 2
+    fields = dict(route=ROUTE_LABEL, key="app", operation="encrypt")
+    assert value(samples, "sidecrypt_fields_total", **fields) == 2
+    calls = dict(key="app", provider="local", operation="generate_data_key", outcome="ok")
+    assert value(samples, "sidecrypt_key_provider_calls_total", **calls) == 1
+    assert value(samples, "sidecrypt_data_key_cache_hits_total", operation="encrypt") == 1
+    failed = dict(route=ROUTE_LABEL, step="request_transform", error="RequestError")
+    assert value(samples, "sidecrypt_request_failures_total", **failed) == 1
+    assert CANARY not in text
+
+
+ROUTE_LABEL = "POST /users/**"
