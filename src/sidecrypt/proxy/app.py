@@ -34,6 +34,7 @@ from ..errors import (
 from ..events import AuditEvent
 from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers
+from ..plugins.policy import Decider, make_decider, purpose_of
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .routes import CompiledRoute, Router
@@ -327,8 +328,12 @@ class Proxy:
                 body, route, route.response_decrypt, context, decide=decide
             )
             self._field_event("decrypt_fields", request, route, context, labels)
+            rid = request[appkeys.REQUEST_ID]
+            for event in decide.audit_events(request_id=rid, context=dict(context)):
+                self.audit(event)  # one "reveal" event per policy outcome, naming the fields
             for label, outcome in outcomes:
-                self._field_event("reveal", request, route, context, [label], outcome=outcome)
+                if outcome == "error":
+                    self._field_event("reveal", request, route, context, [label], outcome=outcome)
         if route.response_encrypt:
             body, labels = await self.fields.encrypt_body(
                 body, route, route.response_encrypt, context
@@ -348,22 +353,15 @@ class Proxy:
             self._identify(request=request) if self._identify.get_hookimpls() else None
         )
 
-    def _decider(self, request: web.Request, route: CompiledRoute) -> Callable[[str], str] | None:
-        if not self._authorize.get_hookimpls():
-            return None
-        principal = request.get(appkeys.PRINCIPAL)
-        cache: dict[str, str] = {}
-
-        def decide(label: str) -> str:
-            outcome = cache.get(label)
-            if outcome is None:
-                outcome = self._authorize(
-                    principal=principal, action="decrypt", route=route.label, field=label
-                ) or "reveal"
-                cache[label] = outcome
-            return outcome
-
-        return decide
+    def _decider(self, request: web.Request, route: CompiledRoute) -> Decider:
+        """Per-request policy decisions (cached per label); the purpose header is checked here."""
+        return make_decider(
+            self.pm,
+            request.get(appkeys.PRINCIPAL),
+            route.label,
+            route.key,
+            purpose_of(request, self.settings),
+        )
 
 
 def _upstream_failure(exc: BaseException) -> UpstreamError:
