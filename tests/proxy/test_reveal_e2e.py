@@ -12,12 +12,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from tests.conftest import Certs
 
 from sidecrypt import hookimpl
 from sidecrypt.envelope import is_envelope
 from sidecrypt.events import AuditEvent
 from sidecrypt.keyring import create_key
-from tests.conftest import Certs
 
 SSN = "123-45-6789"
 CARD = "4111111111111111"
