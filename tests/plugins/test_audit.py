@@ -383,9 +383,14 @@ async def test_every_key_use_gives_exactly_the_expected_events(
         ("encrypt_fields", 2, "ok"),
         ("decrypt_data_key", 0, "ok"),
         ("decrypt_fields", 2, "ok"),
+        ("reveal", 2, "revealed"),  # one reveal event per outcome (no policy: reveal)
     ]
-    cached = [("encrypt_fields", 2, "ok"), ("decrypt_fields", 2, "ok")]  # no provider calls
-    await until(lambda: len(sink.events()) >= 6)
+    cached = [  # the data keys come from the cache: no provider call, no key event
+        ("encrypt_fields", 2, "ok"),
+        ("decrypt_fields", 2, "ok"),
+        ("reveal", 2, "revealed"),
+    ]
+    await until(lambda: len(sink.events()) >= 8)
     await asyncio.sleep(0.05)  # nothing more arrives
     events = sink.events()
     assert summary(events) == first + cached
