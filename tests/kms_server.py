@@ -128,7 +128,7 @@ class KmsServer:
 
     def boto3_client(self, service: str) -> Any:
         """A plain (sync) boto3 client for test set-up: create keys, aliases, roles."""
-        import boto3
+        import boto3  # type: ignore[import-untyped]
 
         return boto3.client(
             service,

@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
 from kms_server import DUMMY_ENV, KmsServer
+from sidecrypt import appkeys
 from sidecrypt.errors import CryptoError, KeyProviderError
 from sidecrypt.keys import CacheLimits, DataKeyService, KeyProvider, canonical_context
 from sidecrypt.plugin_manager import make_plugin_manager, provider_types
@@ -439,3 +441,93 @@ async def test_throttling_and_5xx_are_retried_with_backoff(
         await provider.generate_data_key(CTX)
     assert provider.stats.count("GenerateDataKey", "rejected") == 1 and provider.stats.retries == 4
     assert provider.breaker.consecutive == 2
+
+
+# -- through the proxy ------------------------------------------------------------------------
+
+SSN = "078-05-1120"
+
+
+def kms_proxy_config(moto: KmsServer, upstream_url: str, **kms: Any) -> dict[str, Any]:
+    return {
+        "upstream": {"url": upstream_url},
+        "keys": {
+            "billing": {
+                "provider": "kms",
+                "key_id": ALIAS,
+                "region": "us-east-1",
+                "endpoint_url": moto.url,
+                **kms,
+            }
+        },
+        "routes": [
+            {
+                "match": {"methods": ["POST"], "path": "/users/**"},
+                "key": "billing",
+                "context": {"tenant": "header:X-Tenant", "app": "users"},
+                "request": {"encrypt": ["$.ssn"]},
+                "response": {"decrypt": ["$.ssn"]},
+            }
+        ],
+    }
+
+
+@pytest.fixture
+async def kms_proxy(
+    moto: KmsServer, key: dict[str, Any], upstream: Any, proxy_factory: Any, certs: Any
+) -> AsyncIterator[tuple[Any, Any, KmsKeyProvider, aiohttp.ClientSession]]:
+    proxy = await proxy_factory(
+        kms_proxy_config(moto, upstream.url, timeout=0.5, breaker_failures=2, breaker_reset=0.3)
+    )
+    provider = proxy.running.runners[0].app[appkeys.KEYS].providers["billing"]
+    connector = aiohttp.TCPConnector(ssl=certs.client_context())
+    async with aiohttp.ClientSession(connector=connector) as client:
+        yield proxy, upstream, provider, client
+
+
+async def _post(client: aiohttp.ClientSession, proxy: Any, tenant: str) -> aiohttp.ClientResponse:
+    resp = await client.post(
+        f"{proxy.url}/users/7", json={"ssn": SSN, "name": "Ann"}, headers={"X-Tenant": tenant}
+    )
+    await resp.read()
+    return resp
+
+
+async def test_proxy_round_trip_and_cache(kms_proxy: Any) -> None:
+    proxy, upstream, provider, client = kms_proxy
+    for _ in range(200):
+        resp = await _post(client, proxy, "acme")
+        assert resp.status == 200 and (await resp.json())["ssn"] == SSN
+    assert len(upstream.seen) == 200
+    assert SSN.encode() not in upstream.all_bytes()
+    assert provider.stats.count("GenerateDataKey") == 1  # 200 requests, one data key
+    assert provider.stats.count("Decrypt") == 1  # the echoed tokens share that data key
+
+
+async def test_proxy_kms_outage_budget_and_recovery(moto: KmsServer, kms_proxy: Any) -> None:
+    proxy, upstream, provider, client = kms_proxy
+    assert (await _post(client, proxy, "acme")).status == 200
+    moto.stop()
+    # The warm tenant keeps working from cached keys.
+    for _ in range(5):
+        resp = await _post(client, proxy, "acme")
+        assert resp.status == 200 and (await resp.json())["ssn"] == SSN
+    # A new tenant needs KMS: 503 with Retry-After, and nothing reaches the upstream.
+    before = len(upstream.seen)
+    for _ in range(3):
+        resp = await _post(client, proxy, "globex")
+        assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1
+        assert (await resp.json())["error"]["code"] == "key_provider_unavailable"
+    assert len(upstream.seen) == before and SSN.encode() not in upstream.all_bytes()
+    assert provider.breaker.state == "open"
+    async with client.get(f"{proxy.admin_url}/readyz") as ready:
+        assert ready.status == 503
+        assert not (await ready.json())["checks"]["key:billing"]["ok"]
+
+    moto.start()  # same port, empty state: the key comes back under the same alias
+    moto.create_key(alias=ALIAS)
+    await asyncio.sleep(0.35)
+    resp = await _post(client, proxy, "globex")
+    assert resp.status == 200 and (await resp.json())["ssn"] == SSN
+    async with client.get(f"{proxy.admin_url}/readyz") as ready:
+        assert ready.status == 200
