@@ -293,13 +293,17 @@ def test_check_config_hook_validates_and_describes() -> None:
         pm.hook.sidecrypt_check_config(settings=make_settings({"rules": [{"key": "nope"}]}))
 
 
-def test_sidecrypt_app_installs_the_engine() -> None:
+def test_sidecrypt_app_installs_the_engine_and_warns(caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings({"rules": RULES})
     pm = make_plugin_manager(entry_points=False)
     app = web.Application()
     app[appkeys.PLUGIN_MANAGER] = pm
     policy.sidecrypt_app(app, settings)
     assert view(pm, SUPPORT) == ["mask", "mask", "reveal", "drop"]
+    with caplog.at_level("WARNING", logger="sidecrypt.plugins.policy"):
+        policy.sidecrypt_app(app, make_settings())
+    assert any("any caller that reaches the sidecar" in r.message for r in caplog.records)
+    assert view(pm, None) == ["reveal"] * 4  # the engine was replaced, not doubled
 
 
 TIERED: list[dict[str, Any]] = [

@@ -36,6 +36,7 @@ The proxy asks through :func:`make_decider`, once per request.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from ..config import Settings
+
+log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "sidecrypt.policy.per-app"
 OUTCOMES = frozenset({"reveal", "mask", "ciphertext", "drop", "deny"})
@@ -362,4 +365,7 @@ def sidecrypt_check_config(settings: Settings) -> list[str]:
 
 @hookimpl(trylast=True)
 def sidecrypt_app(app: web.Application, settings: Settings) -> None:
+    """Install the engine and say at start-up what is allowed but probably not meant."""
     install(app[appkeys.PLUGIN_MANAGER], settings)
+    for warning in startup_warnings(settings):
+        log.warning(warning)
