@@ -14,11 +14,12 @@ from aiohttp import web
 
 from sidecrypt import appkeys, config, hookimpl
 from sidecrypt.audit_chain import Record, verify_files
+from sidecrypt.audit_sinks import FileSink
 from sidecrypt.errors import AuditError, ConfigError
 from sidecrypt.events import AuditEvent
 from sidecrypt.plugin_manager import make_plugin_manager
 from sidecrypt.plugins import audit
-from sidecrypt.plugins.audit import TRAIL, AuditTrail, FileSink, audit_healthy
+from sidecrypt.plugins.audit import TRAIL, AuditTrail, audit_healthy, record_events
 
 KEY = b"audit-key-0123456789abcdef"
 
@@ -134,6 +135,43 @@ async def test_resume_with_another_key_or_damaged_tail_refuses_to_start(tmp_path
         await AuditTrail([FileSink(path)], KEY).start()
 
 
+async def test_one_writer_per_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    first = AuditTrail([FileSink(path)], KEY)
+    await first.start()
+    with pytest.raises(AuditError, match="in use by another process"):
+        await AuditTrail([FileSink(path)], KEY).start()
+    await first.close()
+    second = AuditTrail([FileSink(path)], KEY)  # the lock is released on close
+    await second.start()
+    await second.close()
+    assert verify_files([path], KEY).ok
+
+
+async def test_record_events_appends_key_administration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
+    path = tmp_path / "audit.jsonl"
+    settings = config.parse(
+        {
+            "upstream": {"url": "http://127.0.0.1:9"},
+            "audit": {"file": str(path), "hmac_key": {"env": "AUDIT_KEY"}},
+        }
+    )
+    pm = make_plugin_manager([audit], builtins=False, entry_points=False)
+    await record_events(settings, pm, [AuditEvent("key_rotate", key="app", key_version=2)])
+    await record_events(settings, pm, [AuditEvent("key_create", key="billing", key_version=1)])
+    result = verify_files([path], KEY)
+    assert result.ok, result.summary()
+    actions = [
+        orjson.loads(x)["event"]["action"]
+        for x in path.read_bytes().splitlines()
+        if b'"kind":"event"' in x
+    ]
+    assert actions == ["key_rotate", "key_create"]
+
+
 async def test_unwritable_file_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(AuditError, match="cannot open audit file"):
         await AuditTrail([FileSink(tmp_path / "missing" / "a.jsonl")], KEY).start()
@@ -148,7 +186,7 @@ async def test_rotation_keeps_the_chain_verifiable(tmp_path: Path) -> None:
         if i % 10 == 0:
             await until(trail.queue.empty)  # small batches, so rotations interleave
     await trail.close()
-    files = sorted(tmp_path.glob("audit.jsonl*"))
+    files = sorted(p for p in tmp_path.glob("audit.jsonl*") if p.suffix != ".lock")
     assert len(files) >= 3
     result = verify_files(reversed(files), KEY)
     assert result.ok, result.summary()
@@ -179,8 +217,9 @@ async def test_rotation_keeps_only_keep_files(tmp_path: Path) -> None:
         "audit.jsonl",
         "audit.jsonl.1",
         "audit.jsonl.2",
+        "audit.jsonl.lock",
     ]
-    assert verify_files(tmp_path.glob("audit.jsonl*"), KEY).ok
+    assert verify_files([path, f"{path}.1", f"{path}.2"], KEY).ok
 
 
 async def test_block_refuses_while_the_sink_fails_and_recovers_in_order(tmp_path: Path) -> None:

@@ -16,17 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pluggy
 from aiohttp import web
 
 from .. import appkeys, hookimpl
-from ..audit_chain import MIN_KEY_BYTES, AuditSink, Chain, Record, last_record
+from ..audit_chain import MIN_KEY_BYTES, AuditSink, Chain, Record
+from ..audit_sinks import FileSink, StdoutSink
 from ..config import Settings
 from ..errors import AuditError, ConfigError
 from ..events import AuditEvent
@@ -36,113 +36,6 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 512
 CLOSE_TIMEOUT = 5.0
 NEVER_REFUSE = frozenset({"request_failed"})
-
-
-class FileSink:
-    """JSON lines appended to a file, rotated to FILE.1 (newest) ... beyond ``max_bytes``."""
-
-    def __init__(
-        self, path: Path, *, max_bytes: int | None = None, keep: int = 0, fsync: bool = False
-    ) -> None:
-        self.path = path
-        self.name = f"file:{path}"
-        self.max_bytes = max_bytes
-        self.keep = keep
-        self.fsync = fsync
-        self._fd: int | None = None
-        self._size = 0
-
-    async def open(self) -> dict[str, Any] | None:
-        return await asyncio.to_thread(self._open)
-
-    def _open(self) -> dict[str, Any] | None:
-        try:
-            last = last_record(self.path)
-        except ValueError as exc:
-            raise AuditError(
-                f"audit file {self.path}: {exc}; verify it and move it aside"
-            ) from None
-        except OSError as exc:
-            raise AuditError(f"cannot read audit file {self.path}: {exc.strerror}") from None
-        self._reopen()
-        return last
-
-    def _reopen(self) -> None:
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise AuditError(f"cannot open audit file {self.path}: {exc.strerror}") from None
-        self._size = os.fstat(self._fd).st_size
-
-    async def write(self, records: Sequence[Record]) -> None:
-        data = b"".join(r.line for r in records)
-        sync = self.fsync and any(r.kind != "event" for r in records)
-        await asyncio.to_thread(self._write, data, sync)
-
-    def _write(self, data: bytes, sync: bool) -> None:
-        if self._fd is None:
-            self._reopen()
-        assert self._fd is not None
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self._fd, view) :]
-            if sync:
-                os.fsync(self._fd)
-        except OSError:
-            # Leave no partial line: the same records are retried in full.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
-            raise
-        self._size += len(data)
-
-    def wants_rotation(self) -> bool:
-        return self.max_bytes is not None and self._size >= self.max_bytes
-
-    async def rotate(self) -> None:
-        await asyncio.to_thread(self._rotate)
-
-    def _rotate(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        try:
-            n = 1
-            while Path(f"{self.path}.{n}").exists():
-                n += 1
-            for i in range(n - 1, 0, -1):
-                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
-            os.replace(self.path, f"{self.path}.1")
-            if self.keep:
-                for i in range(self.keep + 1, n + 1):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(f"{self.path}.{i}")
-        except OSError as exc:  # keep writing to the same file; the chain is unaffected
-            log.error("audit file rotation failed: %s", exc.strerror)
-        self._reopen()
-
-    async def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class StdoutSink:
-    """JSON lines on standard output (``audit.file: "-"``), for container log collectors."""
-
-    name = "stdout"
-
-    async def write(self, records: Sequence[Record]) -> None:
-        data = b"".join(r.line for r in records)
-        await asyncio.to_thread(self._write, data)
-
-    @staticmethod
-    def _write(data: bytes) -> None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-
-    async def close(self) -> None:
-        return None
 
 
 class AuditTrail:
@@ -208,6 +101,15 @@ class AuditTrail:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            for sink in self.sinks:  # release files and locks of a trail that never ran
+                with contextlib.suppress(Exception):
+                    await sink.close()
+            raise
+
+    async def _start(self) -> None:
         resume: dict[str, Any] | None = None
         where = ""
         for sink in self.sinks:
@@ -396,6 +298,26 @@ def hmac_key(settings: Settings) -> bytes:
             path=path,
         )
     return key
+
+
+async def record_events(
+    settings: Settings, pm: pluggy.PluginManager, events: Sequence[AuditEvent]
+) -> None:
+    """Append events outside a running proxy (CLI key administration: key_create, key_rotate).
+
+    Opens the configured sinks, continues the chain, seals and closes. Raises AuditError when
+    the file is held by a running proxy (one writer per file).
+    """
+    sinks = [s for batch in pm.hook.sidecrypt_audit_sinks(settings=settings) for s in batch or ()]
+    if not sinks:
+        return
+    trail = AuditTrail(sinks, hmac_key(settings), block=True, queue_size=max(1, len(events)))
+    await trail.start()
+    try:
+        for ev in events:
+            trail.submit(ev)
+    finally:
+        await trail.close()
 
 
 @hookimpl(trylast=True)
