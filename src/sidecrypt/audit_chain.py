@@ -52,8 +52,17 @@ def _mac(key: bytes, data: Mapping[str, Any]) -> str:
     return hmac.new(key, canonical(data), hashlib.sha256).hexdigest()
 
 
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC ISO-8601 with microseconds; the per-second prefix is reused (the writer's hot loop)."""
+    global _iso_second
+    sec = int(ts)
+    cached = _iso_second  # one read: safe even if another thread swaps it
+    if cached[0] != sec:
+        cached = _iso_second = (sec, datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{int((ts - sec) * 1e6):06d}Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +113,7 @@ class Chain:
         data: dict[str, Any] = dict(body)
         data.update(seq=self.seq + 1, time=_iso(now), kind=kind, prev=self.prev)
         raw = canonical(data)
-        mac = hmac.new(self._key, raw, hashlib.sha256).hexdigest()
+        mac = hmac.digest(self._key, raw, "sha256").hex()  # one-shot C path: the hot loop
         data["mac"] = mac
         self.seq += 1
         self.prev = mac
