@@ -145,21 +145,34 @@ class Metrics:
             registry=registry,
         )
         registry.register(_StateCollector(app))
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(...)`` memoised: label sets are few (config strings), calls many."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_event(self, event: AuditEvent) -> None:
         action = event.action
         route = event.route or ""
         if action in ("encrypt_fields", "decrypt_fields"):
             op = action.removesuffix("_fields")
-            self.fields.labels(route, event.key or "", op).inc(event.count or len(event.fields))
+            self._child(self.fields, route, event.key or "", op).inc(
+                event.count or len(event.fields)
+            )
         elif action == "reveal":
-            self.reveals.labels(route, event.outcome).inc(event.count or len(event.fields) or 1)
+            self._child(self.reveals, route, event.outcome).inc(
+                event.count or len(event.fields) or 1
+            )
         elif action in PROVIDER_OPS and event.cache != "hit":
-            self.provider_calls.labels(
-                event.key or "", event.provider or "", action, event.outcome
+            self._child(
+                self.provider_calls, event.key or "", event.provider or "", action, event.outcome
             ).inc()
         elif action == "request_failed":
-            self.failures.labels(route, event.step or "", event.error or "").inc()
+            self._child(self.failures, route, event.step or "", event.error or "").inc()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -174,11 +187,11 @@ class Metrics:
             raise
         finally:
             route = request.get(appkeys.ROUTE) or UNMATCHED
-            self.requests.labels(route, status).inc()
-            self.latency.labels(route).observe(time.perf_counter() - started)
+            self._child(self.requests, route, status).inc()
+            self._child(self.latency, route).observe(time.perf_counter() - started)
             upstream = request.get(appkeys.UPSTREAM_SECONDS)
             if upstream is not None:
-                self.upstream.labels(route).observe(upstream)
+                self._child(self.upstream, route).observe(upstream)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         return web.Response(
