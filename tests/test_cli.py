@@ -123,3 +123,32 @@ def test_run_serves_then_drains_on_sigterm(example: Path, tmp_path: Path) -> Non
         assert proc.wait(timeout=20) == 0
     finally:
         proc.kill()
+
+
+def test_two_workers_share_the_port(example: Path) -> None:
+    import socket
+    import ssl
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"SIDECRYPT_LISTEN_ADDRESS": f"127.0.0.1:{port}", "SIDECRYPT_ADMIN_ADDRESS": "127.0.0.1:0", "SIDECRYPT_WORKERS": "2", "SIDECRYPT_UPSTREAM_URL": "http://127.0.0.1:9"}
+    proc = subprocess.Popen([*SIDECRYPT, "run", "--config", str(example)], stderr=subprocess.PIPE, env={**os.environ, **env})
+    try:
+        assert proc.stderr is not None
+        pids = set()
+        deadline = time.monotonic() + 30
+        while len(pids) < 2 and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if b"sidecrypt listening" in line:
+                pids.add(json.loads(line)["pid"])
+        assert len(pids) == 2 and proc.pid not in pids
+        ctx = ssl.create_default_context(cafile=str(example.parent.parent / "certs" / "ca.pem"))
+        for _ in range(10):  # the upstream is down: each worker answers 502 on its own
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"https://localhost:{port}/x", timeout=5, context=ctx)
+            assert err.value.code == 502
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()

@@ -403,6 +403,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
     app.cleanup_ctx.append(_lifespan)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     pm.hook.sidecrypt_app(app=app, settings=settings)
+    # The audit plugin installs a fast gate: refuse key use before it happens, not after.
+    proxy.audit_gate = app.get(appkeys.AUDIT_GATE, proxy.audit_gate)
     return app
 
 

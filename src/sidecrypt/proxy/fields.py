@@ -120,6 +120,10 @@ def mask(value: Any) -> str:
     return MASK
 
 
+def _default_mask(label: str, value: Any) -> str:
+    return mask(value)
+
+
 class FieldCrypto:
     """Applies a route's field rules to JSON bodies through the data key service."""
 
@@ -178,6 +182,8 @@ class FieldCrypto:
             return body, [], []
         labels: list[str] = []
         outcomes: list[tuple[str, str]] = []
+        # A policy decider may carry its own masking rules (keep_last, mask char).
+        masker: Callable[[str, Any], str] = getattr(decide, "mask", None) or _default_mask
         for container, key, lab in slots:
             value = container[key]
             outcome = decide(lab) if decide is not None else "reveal"
@@ -194,7 +200,7 @@ class FieldCrypto:
                 continue
             if not is_envelope(value):
                 if outcome != "reveal":
-                    container[key] = mask(value)
+                    container[key] = masker(lab, value)
                     outcomes.append((lab, "masked"))
                 continue
             if outcome == "ciphertext":
@@ -211,7 +217,7 @@ class FieldCrypto:
                 outcomes.append((lab, "error"))
                 continue
             if outcome == "mask":
-                container[key] = mask(plain)
+                container[key] = masker(lab, plain)
                 outcomes.append((lab, "masked"))
             else:
                 container[key] = plain

@@ -133,6 +133,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False, admin: bool = T
 def _worker(settings: Settings, index: int) -> None:
     from .. import logs
 
+    file = settings.audit.file
+    if file is not None and file != "-":
+        # One writer per chain: each worker keeps its own trail, verifiable on its own.
+        audit = settings.audit.model_copy(update={"file": f"{file}.w{index}"})
+        settings = settings.model_copy(update={"audit": audit})
     logs.setup(settings.log.level, settings.log.format)
     run_loop(serve(settings, reuse_port=True, admin=index == 0))
 
