@@ -154,7 +154,7 @@ class DataKeyLimits(Model):
 class Audit(Model):
     file: str | None = None
     on_failure: Literal["block", "drop"] = "block"
-    hmac_key: Annotated[SecretRef | None, Field(default=None)]
+    hmac_key: SecretRef | None = None
     queue_size: int = Field(10_000, ge=1)
     max_file_bytes: int | None = Field(None, ge=4096, description="rotate audit.file beyond this")
     keep_files: int = Field(0, ge=0, description="rotated files kept (FILE.1 newest); 0 = all")

@@ -307,7 +307,7 @@ class DataKeyService:
             return aead
 
         try:
-            aead = await self._single_flight(("dec", wrapped), unwrap)
+            aead: AESGCM = await self._single_flight(("dec", wrapped), unwrap)
         except KeyProviderError:
             hit = self._dec.get(wrapped)  # expired but kept: serve it while the provider fails
             if hit is None or self._clock() >= hit[2]:

@@ -277,19 +277,19 @@ class Proxy:
                 resp.body = payload
             return resp
         headers = forward.response_headers(upstream.headers, keep_length=True)
-        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        await resp.prepare(request)
+        stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        await stream.prepare(request)
         try:
             async for chunk in upstream.content.iter_chunked(forward.STREAM_CHUNK):
-                await resp.write(chunk)
+                await stream.write(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Headers are out: the only honest signal left is to cut the connection.
             log.warning("upstream failed mid-response", extra={"error": type(exc).__name__})
             if request.transport is not None:
                 request.transport.close()
-            return resp
-        await resp.write_eof()
-        return resp
+            return stream
+        await stream.write_eof()
+        return stream
 
     async def _respond_transformed(
         self,
