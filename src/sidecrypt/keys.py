@@ -272,9 +272,9 @@ class DataKeyService:
         wrapped key, and the field AAD binds it again, so a cached key used under another
         context still fails to authenticate the field.
         """
-        aead = self.cached_for_decrypt(wrapped)
-        if aead is not None:
-            return aead
+        cached = self.cached_for_decrypt(wrapped)
+        if cached is not None:
+            return cached
         provider = self.provider(name)
         if not 0 < len(wrapped) <= MAX_WRAPPED_BYTES:
             raise CryptoError("wrapped data key has an invalid length")
