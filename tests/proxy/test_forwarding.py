@@ -183,3 +183,21 @@ async def test_large_streaming_body_keeps_memory_bounded(certs: Certs, upstream_
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     # client, proxy and upstream share this process: all three together stay far below 200 MB
     assert grown_mb < 100, grown_mb
+
+
+async def test_identity_headers_never_reach_the_upstream(certs: Certs, upstream: Any, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(
+        {
+            "upstream": {"url": upstream.url},
+            "identity": {"header": {"principal_header": "X-Caller", "roles_header": "X-Caller-Roles", "trusted_cidrs": ["10.9.9.9/32"]}},
+        }
+    )
+    async with aiohttp.ClientSession() as s, s.get(
+        proxy.url + "/x",
+        ssl=certs.client_context(),
+        headers={"X-Caller": "admin", "X-Caller-Roles": "root", "X-Sidecrypt-Principal": "admin", "X-Other": "kept"},
+    ) as r:
+        assert r.status == 200
+    names = {k.lower() for k, _ in upstream.seen[0].headers}
+    assert "x-other" in names
+    assert not names & {"x-caller", "x-caller-roles", "x-sidecrypt-principal"}

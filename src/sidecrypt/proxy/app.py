@@ -72,6 +72,13 @@ class Proxy:
         host = self.base.host or ""
         self.upstream_host = host if port in (None, default) else f"{host}:{port}"
         self.session: aiohttp.ClientSession | None = None
+        hdr = settings.identity.header
+        # Identity headers are for sidecrypt; the app behind it must never see (or trust) them.
+        self.drop_headers = (
+            frozenset(h.lower() for h in (hdr.principal_header, hdr.roles_header))
+            if hdr is not None
+            else frozenset()
+        )
         self.mtls = settings.listen.tls is not None and settings.listen.tls.client_ca is not None
         self.audit_gate: Callable[[], bool] = lambda: True
         self._ids = itertools.count(1)
@@ -228,6 +235,7 @@ class Proxy:
             preserve_host=self.settings.upstream.preserve_host,
             keep_length=not transformed,
             identity_encoding=wants_response,
+            drop=self.drop_headers,
         )
         data: Any
         if transformed:

@@ -70,6 +70,7 @@ def request_headers(
     preserve_host: bool,
     keep_length: bool,
     identity_encoding: bool = False,
+    drop: frozenset[str] = frozenset(),
 ) -> CIMultiDict[str]:
     """Headers for the upstream request: hop-by-hop dropped, X-Forwarded-* set, Host rewritten."""
     src = request.headers
@@ -77,7 +78,9 @@ def request_headers(
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in src.items():
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in extra or lname == "host":
+        if lname in HOP_BY_HOP or lname in extra or lname == "host" or lname in drop:
+            continue
+        if lname.startswith("x-sidecrypt-"):  # sidecrypt's own namespace (identity headers)
             continue
         if lname == "content-length" and not keep_length:
             continue
