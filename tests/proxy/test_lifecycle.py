@@ -1,0 +1,108 @@
+"""Process lifecycle through the real ``sidecrypt run``: drain on SIGTERM, certificate reload on SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import Certs
+
+
+async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecrypt.cli", "run", "--config", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    while True:
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line, "sidecrypt exited before listening"
+        if b"sidecrypt listening" in line:
+            return proc, json.loads(line)["addresses"][0][1]
+
+
+def _write_config(tmp_path: Path, upstream: str, cert: Path, key: Path, grace: float = 10) -> Path:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        f"upstream: {{url: '{upstream}'}}\n"
+        f"listen: {{address: '127.0.0.1:0', tls: {{cert: '{cert}', key: '{key}'}}}}\n"
+        f"admin: {{address: null}}\nserver: {{grace_period: {grace}}}\n"
+    )
+    return cfg
+
+
+async def test_sigterm_drains_in_flight_requests(certs: Certs, aiohttp_server: Any, tmp_path: Path) -> None:
+    started = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.sleep(1.0)
+        return web.Response(text="finished")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    up = await aiohttp_server(app, host="127.0.0.1")
+    proc, port = await _start(_write_config(tmp_path, f"http://127.0.0.1:{up.port}", certs.server_cert, certs.server_key))
+    try:
+        async with aiohttp.ClientSession() as s:
+            pending = asyncio.create_task(s.get(f"https://localhost:{port}/slow", ssl=certs.client_context()))
+            await asyncio.wait_for(started.wait(), 10)
+            proc.send_signal(signal.SIGTERM)
+            resp = await asyncio.wait_for(pending, 10)
+            assert resp.status == 200
+            assert await resp.text() == "finished"
+            resp.release()
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+
+
+async def test_sighup_reloads_certificates_without_dropping_connections(
+    certs: Certs, upstream: Any, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(cn: str) -> None:
+        leaf = certs.ca.issue_cert("localhost", common_name=cn)
+        cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+
+    install("before-reload")
+    proc, port = await _start(_write_config(tmp_path, upstream.url, cert, key))
+
+    async def served_cn() -> str:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost")
+        peer = writer.get_extra_info("peercert")
+        writer.close()
+        return str(dict(x[0] for x in peer["subject"])["commonName"])
+
+    try:
+        assert await served_cn() == "before-reload"
+        ctx = certs.client_context()
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"https://localhost:{port}/a", ssl=ctx) as r:
+                assert r.status == 200
+            install("after-reload")
+            os.kill(proc.pid, signal.SIGHUP)
+            for _ in range(50):
+                if await served_cn() == "after-reload":
+                    break
+                await asyncio.sleep(0.1)
+            assert await served_cn() == "after-reload"
+            # the keep-alive connection opened before the reload still works
+            async with s.get(f"https://localhost:{port}/b", ssl=ctx) as r:
+                assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
