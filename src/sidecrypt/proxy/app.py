@@ -93,7 +93,9 @@ class Proxy:
     # -- the handler --------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-Id") or f"{self._id_prefix}-{next(self._ids)}"
+        rid = request.headers.get("X-Request-Id", "")
+        if not 0 < len(rid) <= 128:  # a client's id is kept for correlation, within reason
+            rid = f"{self._id_prefix}-{next(self._ids)}"
         request[appkeys.REQUEST_ID] = rid
         route: CompiledRoute | None = None
         step = "route"
