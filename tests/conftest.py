@@ -32,7 +32,9 @@ class Certs:
         return ctx
 
     def issue_client(self, common_name: str, *sans: str) -> trustme.LeafCert:
-        return self.ca.issue_cert(*(sans or (f"{common_name}.clients.test",)), common_name=common_name)
+        return self.ca.issue_cert(
+            *(sans or (f"{common_name}.clients.test",)), common_name=common_name
+        )
 
 
 @pytest.fixture(scope="session")

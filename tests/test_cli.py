@@ -19,16 +19,35 @@ ROOT = Path(__file__).resolve().parents[1]
 SIDECRYPT = [sys.executable, "-m", "sidecrypt.cli"]
 
 
-def run(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+def run(
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [*SIDECRYPT, *args], input=stdin, capture_output=True, timeout=60, env={**os.environ, **(env or {})}, cwd=cwd
+        [*SIDECRYPT, *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 
 def test_version_and_help() -> None:
     out = run("--version")
     assert out.returncode == 0 and out.stdout.startswith(b"sidecrypt ")
-    for verb in (["run"], ["check-config"], ["demo"], ["certs", "dev"], ["keys", "create"], ["keys", "list"], ["encrypt"], ["audit", "verify"]):
+    for verb in (
+        ["run"],
+        ["check-config"],
+        ["demo"],
+        ["certs", "dev"],
+        ["keys", "create"],
+        ["keys", "list"],
+        ["encrypt"],
+        ["audit", "verify"],
+    ):
         res = run(*verb, "--help")
         assert res.returncode == 0, verb
         assert b"usage:" in res.stdout
@@ -38,7 +57,9 @@ def test_version_and_help() -> None:
 def example(tmp_path: Path) -> Path:
     """The example config with its certificates and keyring, laid out as the README says."""
     (tmp_path / "config").mkdir()
-    shutil.copy(ROOT / "config" / "sidecrypt.example.yaml", tmp_path / "config" / "sidecrypt.example.yaml")
+    shutil.copy(
+        ROOT / "config" / "sidecrypt.example.yaml", tmp_path / "config" / "sidecrypt.example.yaml"
+    )
     assert run("certs", "dev", str(tmp_path / "certs")).returncode == 0
     made = run("keys", "create", "--keyring", str(tmp_path / "config" / "keyring.json"), "app")
     assert made.returncode == 0, made.stderr
@@ -74,21 +95,54 @@ def test_keys_list_never_prints_key_bytes(tmp_path: Path) -> None:
     assert listed.returncode == 0
     info = json.loads(listed.stdout)
     assert [v["version"] for v in info[0]["versions"]] == [1, 2]
-    materials = [v["material"] for k in json.loads(ring.read_text())["keys"].values() for v in k["versions"]]
+    materials = [
+        v["material"] for k in json.loads(ring.read_text())["keys"].values() for v in k["versions"]
+    ]
     assert materials and all(m.encode() not in listed.stdout for m in materials)
 
 
 def test_offline_encrypt_then_decrypt(example: Path) -> None:
     doc = {"ssn": "123-45-6789", "card": {"number": 4111}, "name": "x"}
-    enc = run("encrypt", "--config", str(example), "--field", "$.ssn", "--field", "$.card.number", "--context", "tenant=acme", stdin=json.dumps(doc).encode())
+    enc = run(
+        "encrypt",
+        "--config",
+        str(example),
+        "--field",
+        "$.ssn",
+        "--field",
+        "$.card.number",
+        "--context",
+        "tenant=acme",
+        stdin=json.dumps(doc).encode(),
+    )
     assert enc.returncode == 0, enc.stderr
     sealed = json.loads(enc.stdout)
     assert sealed["name"] == "x" and sealed["ssn"].startswith("sc1.")
     assert b"123-45-6789" not in enc.stdout
-    dec = run("decrypt", "--config", str(example), "--field", "$.ssn", "--field", "$.card.number", "--context", "tenant=acme", stdin=enc.stdout)
+    dec = run(
+        "decrypt",
+        "--config",
+        str(example),
+        "--field",
+        "$.ssn",
+        "--field",
+        "$.card.number",
+        "--context",
+        "tenant=acme",
+        stdin=enc.stdout,
+    )
     assert dec.returncode == 0, dec.stderr
     assert json.loads(dec.stdout) == doc
-    wrong = run("decrypt", "--config", str(example), "--field", "$.ssn", "--context", "tenant=other", stdin=enc.stdout)
+    wrong = run(
+        "decrypt",
+        "--config",
+        str(example),
+        "--field",
+        "$.ssn",
+        "--context",
+        "tenant=other",
+        stdin=enc.stdout,
+    )
     assert wrong.returncode == 1
     assert b"123-45-6789" not in wrong.stdout + wrong.stderr
 
@@ -106,8 +160,16 @@ def _wait_listening(proc: subprocess.Popen[bytes]) -> list[Any]:
 
 
 def test_run_serves_then_drains_on_sigterm(example: Path, tmp_path: Path) -> None:
-    env = {"SIDECRYPT_LISTEN_ADDRESS": "127.0.0.1:0", "SIDECRYPT_ADMIN_ADDRESS": "127.0.0.1:0", "SIDECRYPT_UPSTREAM_URL": "http://127.0.0.1:9"}
-    proc = subprocess.Popen([*SIDECRYPT, "run", "--config", str(example)], stderr=subprocess.PIPE, env={**os.environ, **env})
+    env = {
+        "SIDECRYPT_LISTEN_ADDRESS": "127.0.0.1:0",
+        "SIDECRYPT_ADMIN_ADDRESS": "127.0.0.1:0",
+        "SIDECRYPT_UPSTREAM_URL": "http://127.0.0.1:9",
+    }
+    proc = subprocess.Popen(
+        [*SIDECRYPT, "run", "--config", str(example)],
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env},
+    )
     try:
         addresses = _wait_listening(proc)
         admin = addresses[1]
@@ -132,8 +194,17 @@ def test_two_workers_share_the_port(example: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"SIDECRYPT_LISTEN_ADDRESS": f"127.0.0.1:{port}", "SIDECRYPT_ADMIN_ADDRESS": "127.0.0.1:0", "SIDECRYPT_WORKERS": "2", "SIDECRYPT_UPSTREAM_URL": "http://127.0.0.1:9"}
-    proc = subprocess.Popen([*SIDECRYPT, "run", "--config", str(example)], stderr=subprocess.PIPE, env={**os.environ, **env})
+    env = {
+        "SIDECRYPT_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        "SIDECRYPT_ADMIN_ADDRESS": "127.0.0.1:0",
+        "SIDECRYPT_WORKERS": "2",
+        "SIDECRYPT_UPSTREAM_URL": "http://127.0.0.1:9",
+    }
+    proc = subprocess.Popen(
+        [*SIDECRYPT, "run", "--config", str(example)],
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env},
+    )
     try:
         assert proc.stderr is not None
         pids = set()

@@ -29,21 +29,57 @@ def _err(raw: object, tmp_path: Path) -> str:
         ({**BASE, "listen": {"address": "nowhere"}}, "listen.address", "host:port"),
         ({**BASE, "unknown": 1}, "unknown", "Extra inputs"),
         ({**BASE, "server": {"workers": 0}}, "server.workers", "greater than or equal"),
-        ({**BASE, "routes": [{"match": {"path": "/x"}, "key": "nope"}]}, "routes[0].key", "unknown key"),
-        ({**BASE, "routes": [{"match": {"path": "x"}}]}, "routes[0].match.path", "starts with /"),
-        ({**BASE, "routes": [{"match": {"path": "/a**"}}]}, "routes[0].match.path", "whole path segment"),
         (
-            {**BASE, "keys": {"k": {"provider": "local"}}, "routes": [{"match": {"path": "/x"}, "key": "k", "request": {"encrypt": ["$.a[", "$.b"]}}]},
+            {**BASE, "routes": [{"match": {"path": "/x"}, "key": "nope"}]},
+            "routes[0].key",
+            "unknown key",
+        ),
+        ({**BASE, "routes": [{"match": {"path": "x"}}]}, "routes[0].match.path", "starts with /"),
+        (
+            {**BASE, "routes": [{"match": {"path": "/a**"}}]},
+            "routes[0].match.path",
+            "whole path segment",
+        ),
+        (
+            {
+                **BASE,
+                "keys": {"k": {"provider": "local"}},
+                "routes": [
+                    {"match": {"path": "/x"}, "key": "k", "request": {"encrypt": ["$.a[", "$.b"]}}
+                ],
+            },
             "routes[0].request.encrypt[0].path",
             "unexpected",
         ),
-        ({**BASE, "routes": [{"match": {"path": "/x"}, "request": {"encrypt": ["$.a"]}}]}, "routes[0]", "needs a key"),
-        ({**BASE, "routes": [{"match": {"path": "/x"}, "context": {"t": "cookie:x"}}]}, "routes[0].context", "header:NAME"),
-        ({"mode": "client-side", "upstream": {"url": "http://remote.example"}, "listen": {"address": "127.0.0.1:8080"}}, "upstream.url", "must be https"),
-        ({"mode": "client-side", "upstream": {"url": "https://remote.example"}}, "listen.address", "loopback"),
+        (
+            {**BASE, "routes": [{"match": {"path": "/x"}, "request": {"encrypt": ["$.a"]}}]},
+            "routes[0]",
+            "needs a key",
+        ),
+        (
+            {**BASE, "routes": [{"match": {"path": "/x"}, "context": {"t": "cookie:x"}}]},
+            "routes[0].context",
+            "header:NAME",
+        ),
+        (
+            {
+                "mode": "client-side",
+                "upstream": {"url": "http://remote.example"},
+                "listen": {"address": "127.0.0.1:8080"},
+            },
+            "upstream.url",
+            "must be https",
+        ),
+        (
+            {"mode": "client-side", "upstream": {"url": "https://remote.example"}},
+            "listen.address",
+            "loopback",
+        ),
     ],
 )
-def test_errors_name_file_and_dotted_path(raw: object, path: str, words: str, tmp_path: Path) -> None:
+def test_errors_name_file_and_dotted_path(
+    raw: object, path: str, words: str, tmp_path: Path
+) -> None:
     message = _err(raw, tmp_path)
     assert message.startswith(f"{tmp_path / 'sidecrypt.yaml'}: {path}"), message
     assert words in message
@@ -64,10 +100,16 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
 
 def test_env_overrides_and_relative_paths(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("upstream: {url: 'http://127.0.0.1:1'}\nlisten: {tls: {cert: c.pem, key: k.pem}}\n")
+    path.write_text(
+        "upstream: {url: 'http://127.0.0.1:1'}\nlisten: {tls: {cert: c.pem, key: k.pem}}\n"
+    )
     settings = config.load(
         path,
-        environ={"SIDECRYPT_UPSTREAM_URL": "https://app.internal:8443", "SIDECRYPT_LISTEN_ADDRESS": "127.0.0.1:9443", "SIDECRYPT_LOG_LEVEL": "debug"},
+        environ={
+            "SIDECRYPT_UPSTREAM_URL": "https://app.internal:8443",
+            "SIDECRYPT_LISTEN_ADDRESS": "127.0.0.1:9443",
+            "SIDECRYPT_LOG_LEVEL": "debug",
+        },
     )
     assert settings.upstream.url == "https://app.internal:8443"
     assert settings.listen.address == "127.0.0.1:9443"

@@ -14,20 +14,26 @@ from typing import Any
 
 import aiohttp
 import pytest
+from tests.conftest import Certs
 
 from sidecrypt import hookimpl, hookspecs
 from sidecrypt.errors import PluginError
 from sidecrypt.plugin_manager import describe_plugins, make_plugin_manager, provider_types
-from tests.conftest import Certs
 
 ROOT = Path(__file__).resolve().parents[1]
-HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("sidecrypt_")]
+HOOKS = [
+    name
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+    if name.startswith("sidecrypt_")
+]
 
 
 def test_every_hookspec_is_documented_and_tested() -> None:
     docs = (ROOT / "docs" / "plugins.md").read_text()
     tests = "\n".join(
-        p.read_text() for p in (ROOT / "tests").rglob("test_*.py") if p.name != "test_plugin_manager.py"
+        p.read_text()
+        for p in (ROOT / "tests").rglob("test_*.py")
+        if p.name != "test_plugin_manager.py"
     )
     assert HOOKS, "no hookspecs found"
     for name in HOOKS:
@@ -96,9 +102,14 @@ async def test_example_plugin_provides_a_working_key_provider(
         },
         plugins=(example,),
     )
-    async with aiohttp.ClientSession() as s, s.post(
-        proxy.url + "/notes", json={"secret": "canary-example-plugin"}, ssl=certs.client_context()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            proxy.url + "/notes",
+            json={"secret": "canary-example-plugin"},
+            ssl=certs.client_context(),
+        ) as r,
+    ):
         assert r.status == 200
         assert (await r.json()) == {"secret": "canary-example-plugin"}
     assert b"canary-example-plugin" not in upstream.all_bytes()

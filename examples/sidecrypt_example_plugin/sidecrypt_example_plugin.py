@@ -70,11 +70,15 @@ class EnvKeyProvider:
         wrapped = nonce + self._require().encrypt(nonce, plaintext, _aad(self.name, context))
         return DataKey(plaintext, wrapped, key_version=1)
 
-    async def decrypt_data_key(self, wrapped: bytes, key_version: int, context: Mapping[str, str]) -> bytes:
+    async def decrypt_data_key(
+        self, wrapped: bytes, key_version: int, context: Mapping[str, str]
+    ) -> bytes:
         try:
             return self._require().decrypt(wrapped[:12], wrapped[12:], _aad(self.name, context))
         except InvalidTag:
-            raise CryptoError(f"key {self.name!r}: wrapped data key does not authenticate") from None
+            raise CryptoError(
+                f"key {self.name!r}: wrapped data key does not authenticate"
+            ) from None
 
     async def check_ready(self) -> None:
         self._require()

@@ -11,7 +11,9 @@ from pathlib import Path
 import trustme
 
 
-def write_dev_certs(directory: Path, *, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> dict[str, Path]:
+def write_dev_certs(
+    directory: Path, *, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+) -> dict[str, Path]:
     """Write ca.pem, server.pem, server-key.pem, client.pem, client-key.pem (keys mode 0600)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA(organization_name="sidecrypt dev CA")

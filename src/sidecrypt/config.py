@@ -118,7 +118,9 @@ class Server(Model):
     workers: int = Field(1, ge=1, le=256)
     grace_period: float = Field(10.0, ge=0)
     max_header_size: int = Field(8190, ge=1024, le=1 << 20)
-    max_body_size: int = Field(1 << 20, ge=1024, description="largest body buffered for a transform")
+    max_body_size: int = Field(
+        1 << 20, ge=1024, description="largest body buffered for a transform"
+    )
     backlog: int = Field(1024, ge=16)
     access_log: bool = False
 
@@ -175,7 +177,9 @@ class Audit(Model):
 
 
 class Log(Model):
-    level: Literal["debug", "info", "warning", "error", "DEBUG", "INFO", "WARNING", "ERROR"] = "info"
+    level: Literal["debug", "info", "warning", "error", "DEBUG", "INFO", "WARNING", "ERROR"] = (
+        "info"
+    )
     format: Literal["json", "text"] = "json"
 
 
@@ -258,7 +262,14 @@ class Route(Model):
 
     @model_validator(mode="after")
     def _key_needed(self) -> Route:
-        has_fields = any((self.request.encrypt, self.request.decrypt, self.response.encrypt, self.response.decrypt))
+        has_fields = any(
+            (
+                self.request.encrypt,
+                self.request.decrypt,
+                self.response.encrypt,
+                self.response.decrypt,
+            )
+        )
         if has_fields and self.key is None:
             raise ValueError("a route with field rules needs a key")
         return self
@@ -340,8 +351,14 @@ def _format_errors(file: str, exc: ValidationError) -> ConfigError:
     return error
 
 
-_PATH_FIELDS = (("listen", "tls", "cert"), ("listen", "tls", "key"), ("listen", "tls", "client_ca"),
-                ("upstream", "ca"), ("upstream", "client_cert"), ("upstream", "client_key"))
+_PATH_FIELDS = (
+    ("listen", "tls", "cert"),
+    ("listen", "tls", "key"),
+    ("listen", "tls", "client_ca"),
+    ("upstream", "ca"),
+    ("upstream", "client_cert"),
+    ("upstream", "client_key"),
+)
 
 
 def _absolutize(raw: dict[str, Any], base: Path) -> None:
@@ -419,7 +436,9 @@ def validate_provider_options(
     for name, block in settings.keys.items():
         kind = block.get("provider") if isinstance(block, dict) else None
         if not isinstance(kind, str):
-            raise ConfigError("missing provider", file=settings.source, path=f"keys.{name}.provider")
+            raise ConfigError(
+                "missing provider", file=settings.source, path=f"keys.{name}.provider"
+            )
         model = lookup(kind)
         if model is None:
             raise ConfigError(

@@ -8,6 +8,7 @@ a temporary directory: the reader sees what the client sent, what the app stored
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import ssl
@@ -37,7 +38,10 @@ SAMPLES: list[dict[str, Any]] = [
         "name": "Alan Turing",
         "ssn": 987654321,
         "card": {"number": "5500 0000 0000 0004", "expiry": "01/30"},
-        "contacts": [{"kind": "work", "phone": "+44 161 496 0000"}, {"kind": "cell", "phone": None}],
+        "contacts": [
+            {"kind": "work", "phone": "+44 161 496 0000"},
+            {"kind": "cell", "phone": None},
+        ],
     },
 ]
 
@@ -53,7 +57,9 @@ def legacy_app(db: sqlite3.Connection) -> web.Application:
         return web.json_response({"id": cur.lastrowid, **json.loads(doc)}, status=201)
 
     async def read(request: web.Request) -> web.Response:
-        row = db.execute("SELECT doc FROM users WHERE id = ?", (int(request.match_info["id"]),)).fetchone()
+        row = db.execute(
+            "SELECT doc FROM users WHERE id = ?", (int(request.match_info["id"]),)
+        ).fetchone()
         if row is None:
             return web.json_response({"error": "not found"}, status=404)
         return web.Response(text=row[0], content_type="application/json")
@@ -76,14 +82,29 @@ def demo_settings(workdir: Path, upstream: str, listen: str, admin: str) -> conf
     decrypt += [{"path": "$[*]" + f[1:], "bind_as": f} for f in FIELDS]
     raw = {
         "mode": "server-side",
-        "listen": {"address": listen, "tls": {"cert": str(certs["server_cert"]), "key": str(certs["server_key"])}},
+        "listen": {
+            "address": listen,
+            "tls": {"cert": str(certs["server_cert"]), "key": str(certs["server_key"])},
+        },
         "admin": {"address": admin},
         "upstream": {"url": upstream},
         "keys": {"app": {"provider": "local", "keyring": "keyring.json"}},
         "routes": [
-            {"match": {"methods": ["POST"], "path": "/users"}, "key": "app", "request": {"encrypt": FIELDS}},
-            {"match": {"methods": ["GET"], "path": "/users/**"}, "key": "app", "response": {"decrypt": decrypt}},
-            {"match": {"methods": ["GET"], "path": "/users"}, "key": "app", "response": {"decrypt": decrypt}},
+            {
+                "match": {"methods": ["POST"], "path": "/users"},
+                "key": "app",
+                "request": {"encrypt": FIELDS},
+            },
+            {
+                "match": {"methods": ["GET"], "path": "/users/**"},
+                "key": "app",
+                "response": {"decrypt": decrypt},
+            },
+            {
+                "match": {"methods": ["GET"], "path": "/users"},
+                "key": "app",
+                "response": {"decrypt": decrypt},
+            },
         ],
     }
     return config.parse(raw, file="<demo>", base_dir=workdir)
@@ -92,7 +113,8 @@ def demo_settings(workdir: Path, upstream: str, listen: str, admin: str) -> conf
 def _show(title: str, doc: Any) -> str:
     text = json.dumps(doc, indent=2, ensure_ascii=False)
     return f"--- {title} ---\n" + "\n".join(
-        textwrap.shorten(line, 110, placeholder="...") if len(line) > 110 else line for line in text.splitlines()
+        textwrap.shorten(line, 110, placeholder="...") if len(line) > 110 else line
+        for line in text.splitlines()
     )
 
 
@@ -105,27 +127,36 @@ async def _demo(keep_running: bool) -> None:
         await web.TCPSite(app_runner, "127.0.0.1", 0).start()
         upstream = f"http://127.0.0.1:{app_runner.addresses[0][1]}"
         listen = "127.0.0.1:8443" if keep_running else "127.0.0.1:0"
-        settings = demo_settings(workdir, upstream, listen, "127.0.0.1:9901" if keep_running else "127.0.0.1:0")
+        settings = demo_settings(
+            workdir, upstream, listen, "127.0.0.1:9901" if keep_running else "127.0.0.1:0"
+        )
         running, shutdown = await server.start(settings)
         port = running.addresses()[0][1]
         base = f"https://localhost:{port}"
         ctx = ssl.create_default_context(cafile=str(workdir / "certs" / "ca.pem"))
         try:
-            print(f"legacy app (stores what it receives): {upstream}, SQLite at {workdir / 'legacy.db'}")
+            print(
+                f"legacy app (stores what it receives): {upstream}, "
+                f"SQLite at {workdir / 'legacy.db'}"
+            )
             print(f"sidecrypt (server-side, TLS):          {base}  fields {', '.join(FIELDS)}\n")
             async with aiohttp.ClientSession() as http:
                 for sample in SAMPLES:
                     async with http.post(f"{base}/users", json=sample, ssl=ctx) as resp:
                         resp.raise_for_status()
                         created = await resp.json()
-                    row = db.execute("SELECT doc FROM users WHERE id = ?", (created["id"],)).fetchone()
+                    row = db.execute(
+                        "SELECT doc FROM users WHERE id = ?", (created["id"],)
+                    ).fetchone()
                     async with http.get(f"{base}/users/{created['id']}", ssl=ctx) as resp:
                         read_back = await resp.json()
                     print(_show("1. client sent (over TLS)", sample))
                     print(_show("2. legacy app stored in SQLite (at rest)", json.loads(row[0])))
                     print(_show("3. client reads back through sidecrypt", read_back))
                     same = read_back == sample
-                    print(f"=== round trip {'identical, types included' if same else 'DIFFERS'} ===\n")
+                    print(
+                        f"=== round trip {'identical, types included' if same else 'DIFFERS'} ===\n"
+                    )
                     if not same:
                         raise SystemExit(1)
             if keep_running:
@@ -133,7 +164,7 @@ async def _demo(keep_running: bool) -> None:
                     "sidecrypt stays up (Ctrl-C to stop). Try:\n"
                     f"  curl --cacert {workdir}/certs/ca.pem {base}/users\n"
                     f"  curl --cacert {workdir}/certs/ca.pem -H 'Content-Type: application/json' "
-                    f"-d '{{\"name\":\"x\",\"ssn\":\"000-00-0000\"}}' {base}/users\n"
+                    f'-d \'{{"name":"x","ssn":"000-00-0000"}}\' {base}/users\n'
                     f"  curl {upstream}/users        # the app itself: ciphertext\n"
                     "  curl http://127.0.0.1:9901/readyz"
                 )
@@ -145,8 +176,6 @@ async def _demo(keep_running: bool) -> None:
 
 
 def run_demo(*, keep_running: bool = False) -> int:
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.run_loop(_demo(keep_running))
-    except KeyboardInterrupt:
-        pass
     return 0

@@ -123,7 +123,9 @@ class CachedKey:
         self.bytes = 0
 
     def __repr__(self) -> str:
-        return f"CachedKey(key={self.provider.name!r}, version={self.key_version}, uses={self.uses})"
+        return (
+            f"CachedKey(key={self.provider.name!r}, version={self.key_version}, uses={self.uses})"
+        )
 
 
 AuditFn = Callable[[AuditEvent], None]
@@ -198,8 +200,13 @@ class DataKeyService:
         flight = ("enc", name, context)
 
         async def generate() -> CachedKey:
-            key = await self._call(provider, "generate_data_key", provider.generate_data_key(dict(context)))
-            if len(key.plaintext) != DATA_KEY_BYTES or not 0 < len(key.wrapped) <= MAX_WRAPPED_BYTES:
+            key = await self._call(
+                provider, "generate_data_key", provider.generate_data_key(dict(context))
+            )
+            if (
+                len(key.plaintext) != DATA_KEY_BYTES
+                or not 0 < len(key.wrapped) <= MAX_WRAPPED_BYTES
+            ):
                 raise KeyProviderError(f"key {name!r}: provider returned a malformed data key")
             cached = CachedKey(provider, key, self._clock() + self.limits.max_age)
             self._enc[(name, context)] = cached

@@ -57,7 +57,9 @@ def label(path: tuple[str | int, ...]) -> str:
     return "".join(out)
 
 
-def _walk(node: Any, steps: tuple[tuple[str, Any], ...], i: int, path: tuple[str | int, ...]) -> Iterator[Slot]:
+def _walk(
+    node: Any, steps: tuple[tuple[str, Any], ...], i: int, path: tuple[str | int, ...]
+) -> Iterator[Slot]:
     kind, arg = steps[i]
     last = i == len(steps) - 1
     if kind == MEMBER:
@@ -74,7 +76,13 @@ def _walk(node: Any, steps: tuple[tuple[str, Any], ...], i: int, path: tuple[str
             else:
                 yield from _walk(node[idx], steps, i + 1, (*path, idx))
     elif kind == WILD:
-        items: Any = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        items: Any = (
+            node.items()
+            if isinstance(node, dict)
+            else enumerate(node)
+            if isinstance(node, list)
+            else ()
+        )
         for key, child in list(items):
             if last:
                 yield node, key, (*path, key)
@@ -85,7 +93,12 @@ def _walk(node: Any, steps: tuple[tuple[str, Any], ...], i: int, path: tuple[str
 
 
 def _descend(
-    node: Any, name: str, steps: tuple[tuple[str, Any], ...], i: int, path: tuple[str | int, ...], last: bool
+    node: Any,
+    name: str,
+    steps: tuple[tuple[str, Any], ...],
+    i: int,
+    path: tuple[str | int, ...],
+    last: bool,
 ) -> Iterator[Slot]:
     if isinstance(node, dict):
         if name in node:
@@ -113,7 +126,9 @@ def compile_selector(text: str) -> Selector:
         if rest.startswith(".."):
             m = _NAME.match(text, pos + 2)
             if not m:
-                raise SelectorError(f"selector {text!r}: expected a member name after '..' at {pos}")
+                raise SelectorError(
+                    f"selector {text!r}: expected a member name after '..' at {pos}"
+                )
             steps.append((DESCEND, m.group()))
             pos = m.end()
         elif rest.startswith(".*"):

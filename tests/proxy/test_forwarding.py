@@ -9,11 +9,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-
 from tests.conftest import Certs
 
 
-async def test_methods_query_and_headers_pass_through(certs: Certs, upstream: Any, proxy_factory: Any) -> None:
+async def test_methods_query_and_headers_pass_through(
+    certs: Certs, upstream: Any, proxy_factory: Any
+) -> None:
     proxy = await proxy_factory({"upstream": {"url": upstream.url}})
     ctx = certs.client_context()
     async with aiohttp.ClientSession() as s:
@@ -22,7 +23,12 @@ async def test_methods_query_and_headers_pass_through(certs: Certs, upstream: An
                 method,
                 proxy.url + "/a%20b/c?x=1&x=2&odd=%F0%9F%94%91&plus=a+b&empty=",
                 ssl=ctx,
-                headers=[("X-Multi", "one"), ("X-Multi", "two"), ("Connection", "keep-alive, X-Drop"), ("X-Drop", "1")],
+                headers=[
+                    ("X-Multi", "one"),
+                    ("X-Multi", "two"),
+                    ("Connection", "keep-alive, X-Drop"),
+                    ("X-Drop", "1"),
+                ],
                 data=b"\x00\x01binary\xff" if method in ("POST", "PUT", "PATCH") else None,
             ) as r:
                 assert r.status == 200
@@ -33,7 +39,10 @@ async def test_methods_query_and_headers_pass_through(certs: Certs, upstream: An
     names = [k.lower() for k, _ in first.headers]
     assert [v for k, v in first.headers if k.lower() == "x-multi"] == ["one", "two"]
     assert "x-drop" not in names  # named in Connection: hop-by-hop
-    assert "connection" not in names or dict((k.lower(), v) for k, v in first.headers)["connection"] != "keep-alive, X-Drop"
+    assert (
+        "connection" not in names
+        or dict((k.lower(), v) for k, v in first.headers)["connection"] != "keep-alive, X-Drop"
+    )
     hdrs = {k.lower(): v for k, v in first.headers}
     assert hdrs["x-forwarded-for"] == "127.0.0.1"
     assert hdrs["x-forwarded-proto"] == "https"
@@ -42,14 +51,19 @@ async def test_methods_query_and_headers_pass_through(certs: Certs, upstream: An
     assert upstream.seen[1].body == b"\x00\x01binary\xff"
 
 
-async def test_chunked_upload_and_streamed_download(certs: Certs, upstream: Any, proxy_factory: Any) -> None:
+async def test_chunked_upload_and_streamed_download(
+    certs: Certs, upstream: Any, proxy_factory: Any
+) -> None:
     proxy = await proxy_factory({"upstream": {"url": upstream.url}})
 
     async def gen() -> Any:
         for i in range(50):
             yield bytes([i]) * 10_000
 
-    async with aiohttp.ClientSession() as s, s.post(proxy.url + "/up", data=gen(), ssl=certs.client_context()) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(proxy.url + "/up", data=gen(), ssl=certs.client_context()) as r,
+    ):
         body = await r.read()
     assert body == b"".join(bytes([i]) * 10_000 for i in range(50))
     assert upstream.seen[0].body == body
@@ -86,9 +100,14 @@ async def test_head_204_304_and_redirects_not_followed(
     assert [x.path_qs for x in up.seen] == ["/file", "/204", "/304", "/redirect"]
 
 
-async def test_upstream_down_is_502_json(certs: Certs, proxy_factory: Any, unused_tcp_port: int) -> None:
+async def test_upstream_down_is_502_json(
+    certs: Certs, proxy_factory: Any, unused_tcp_port: int
+) -> None:
     proxy = await proxy_factory({"upstream": {"url": f"http://127.0.0.1:{unused_tcp_port}"}})
-    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/x", ssl=certs.client_context()) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(proxy.url + "/x", ssl=certs.client_context()) as r,
+    ):
         assert r.status == 502
         body = await r.json()
     assert body["error"]["code"] == "upstream_unavailable"
@@ -104,7 +123,10 @@ async def test_upstream_slower_than_read_timeout_is_504(
 
     up = await upstream_factory(slow)
     proxy = await proxy_factory({"upstream": {"url": up.url, "read_timeout": 0.3}})
-    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/slow", ssl=certs.client_context()) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(proxy.url + "/slow", ssl=certs.client_context()) as r,
+    ):
         assert r.status == 504
         assert (await r.json())["error"]["code"] == "upstream_timeout"
 
@@ -126,15 +148,24 @@ async def test_client_disconnect_cancels_upstream_call(
     proxy = await proxy_factory({"upstream": {"url": up.url}})
     async with aiohttp.ClientSession() as s:
         with pytest.raises(asyncio.TimeoutError):
-            async with s.get(proxy.url + "/hang", ssl=certs.client_context(), timeout=aiohttp.ClientTimeout(total=0.5)):
+            async with s.get(
+                proxy.url + "/hang",
+                ssl=certs.client_context(),
+                timeout=aiohttp.ClientTimeout(total=0.5),
+            ):
                 pass
     await asyncio.wait_for(cancelled.wait(), 5)
 
 
-async def test_dot_segments_and_encoded_slashes_refused(certs: Certs, upstream: Any, proxy_factory: Any) -> None:
+async def test_dot_segments_and_encoded_slashes_refused(
+    certs: Certs, upstream: Any, proxy_factory: Any
+) -> None:
     proxy = await proxy_factory({"upstream": {"url": upstream.url}})
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", int(proxy.url.rsplit(":", 1)[1]), ssl=certs.client_context(), server_hostname="localhost"
+        "127.0.0.1",
+        int(proxy.url.rsplit(":", 1)[1]),
+        ssl=certs.client_context(),
+        server_hostname="localhost",
     )
     for raw in ("/public/..%2Fusers", "/public/%2e%2e/users"):
         writer.write(f"GET {raw} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
@@ -149,7 +180,9 @@ async def test_dot_segments_and_encoded_slashes_refused(certs: Certs, upstream: 
     assert upstream.seen == []
 
 
-async def test_large_streaming_body_keeps_memory_bounded(certs: Certs, upstream_factory: Any, proxy_factory: Any) -> None:
+async def test_large_streaming_body_keeps_memory_bounded(
+    certs: Certs, upstream_factory: Any, proxy_factory: Any
+) -> None:
     """A 200 MB upload passes through without being buffered by the proxy."""
     received = 0
 
@@ -176,7 +209,10 @@ async def test_large_streaming_body_keeps_memory_bounded(certs: Certs, upstream_
             yield chunk
 
     try:
-        async with aiohttp.ClientSession() as s, s.post(proxy.url + "/upload", data=gen(), ssl=certs.client_context()) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(proxy.url + "/upload", data=gen(), ssl=certs.client_context()) as r,
+        ):
             assert (await r.json())["received"] == total
     finally:
         await runner.cleanup()
@@ -185,18 +221,34 @@ async def test_large_streaming_body_keeps_memory_bounded(certs: Certs, upstream_
     assert grown_mb < 100, grown_mb
 
 
-async def test_identity_headers_never_reach_the_upstream(certs: Certs, upstream: Any, proxy_factory: Any) -> None:
+async def test_identity_headers_never_reach_the_upstream(
+    certs: Certs, upstream: Any, proxy_factory: Any
+) -> None:
     proxy = await proxy_factory(
         {
             "upstream": {"url": upstream.url},
-            "identity": {"header": {"principal_header": "X-Caller", "roles_header": "X-Caller-Roles", "trusted_cidrs": ["10.9.9.9/32"]}},
+            "identity": {
+                "header": {
+                    "principal_header": "X-Caller",
+                    "roles_header": "X-Caller-Roles",
+                    "trusted_cidrs": ["10.9.9.9/32"],
+                }
+            },
         }
     )
-    async with aiohttp.ClientSession() as s, s.get(
-        proxy.url + "/x",
-        ssl=certs.client_context(),
-        headers={"X-Caller": "admin", "X-Caller-Roles": "root", "X-Sidecrypt-Principal": "admin", "X-Other": "kept"},
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            proxy.url + "/x",
+            ssl=certs.client_context(),
+            headers={
+                "X-Caller": "admin",
+                "X-Caller-Roles": "root",
+                "X-Sidecrypt-Principal": "admin",
+                "X-Other": "kept",
+            },
+        ) as r,
+    ):
         assert r.status == 200
     names = {k.lower() for k, _ in upstream.seen[0].headers}
     assert "x-other" in names

@@ -13,13 +13,18 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-
 from tests.conftest import Certs
 
 
 async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecrypt.cli", "run", "--config", str(config), stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "sidecrypt.cli",
+        "run",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     while True:
@@ -39,7 +44,9 @@ def _write_config(tmp_path: Path, upstream: str, cert: Path, key: Path, grace: f
     return cfg
 
 
-async def test_sigterm_drains_in_flight_requests(certs: Certs, aiohttp_server: Any, tmp_path: Path) -> None:
+async def test_sigterm_drains_in_flight_requests(
+    certs: Certs, aiohttp_server: Any, tmp_path: Path
+) -> None:
     started = asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
@@ -50,10 +57,14 @@ async def test_sigterm_drains_in_flight_requests(certs: Certs, aiohttp_server: A
     app = web.Application()
     app.router.add_get("/slow", slow)
     up = await aiohttp_server(app, host="127.0.0.1")
-    proc, port = await _start(_write_config(tmp_path, f"http://127.0.0.1:{up.port}", certs.server_cert, certs.server_key))
+    proc, port = await _start(
+        _write_config(tmp_path, f"http://127.0.0.1:{up.port}", certs.server_cert, certs.server_key)
+    )
     try:
         async with aiohttp.ClientSession() as s:
-            pending = asyncio.create_task(s.get(f"https://localhost:{port}/slow", ssl=certs.client_context()))
+            pending = asyncio.create_task(
+                s.get(f"https://localhost:{port}/slow", ssl=certs.client_context())
+            )
             await asyncio.wait_for(started.wait(), 10)
             proc.send_signal(signal.SIGTERM)
             resp = await asyncio.wait_for(pending, 10)
@@ -82,7 +93,9 @@ async def test_sighup_reloads_certificates_without_dropping_connections(
     proc, port = await _start(_write_config(tmp_path, upstream.url, cert, key))
 
     async def served_cn() -> str:
-        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost")
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost"
+        )
         peer = writer.get_extra_info("peercert")
         writer.close()
         return str(dict(x[0] for x in peer["subject"])["commonName"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from typing import Any
 
@@ -10,11 +11,11 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from tests.conftest import Certs
 
 from sidecrypt import appkeys, hookimpl
 from sidecrypt.errors import ConfigError
 from sidecrypt.identity import Principal
-from tests.conftest import Certs
 
 
 def _port(url: str) -> int:
@@ -22,28 +23,32 @@ def _port(url: str) -> int:
 
 
 async def _handshake(port: int, ctx: ssl.SSLContext) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+    _reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+    )
     version = writer.get_extra_info("ssl_object").version()
     writer.close()
     return str(version)
 
 
-async def test_tls13_works_and_tls11_is_refused(certs: Certs, upstream: Any, proxy_factory: Any) -> None:
+async def test_tls13_works_and_tls11_is_refused(
+    certs: Certs, upstream: Any, proxy_factory: Any
+) -> None:
     proxy = await proxy_factory({"upstream": {"url": upstream.url}})
     assert await _handshake(_port(proxy.url), certs.client_context()) == "TLSv1.3"
 
     old = certs.client_context()
     old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-    old.maximum_version = ssl.TLSVersion.TLSv1_1  # noqa: deprecated on purpose
-    try:
+    old.maximum_version = ssl.TLSVersion.TLSv1_1  # deprecated on purpose
+    with contextlib.suppress(ssl.SSLError):
         old.set_ciphers("ALL:@SECLEVEL=0")
-    except ssl.SSLError:
-        pass
     with pytest.raises((ssl.SSLError, ConnectionError)):
         await _handshake(_port(proxy.url), old)
 
 
-async def test_tls12_offers_only_intermediate_ciphers(certs: Certs, upstream: Any, proxy_factory: Any) -> None:
+async def test_tls12_offers_only_intermediate_ciphers(
+    certs: Certs, upstream: Any, proxy_factory: Any
+) -> None:
     proxy = await proxy_factory({"upstream": {"url": upstream.url}})
     ctx = certs.client_context()
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -66,7 +71,9 @@ class SeeIdentity:
         return None
 
     @hookimpl
-    def sidecrypt_authorize(self, principal: Any, action: str, route: str, field: str) -> str | None:
+    def sidecrypt_authorize(
+        self, principal: Any, action: str, route: str, field: str
+    ) -> str | None:
         return None
 
 
@@ -78,7 +85,11 @@ async def test_mtls_requires_a_certificate_from_the_configured_ca(
         {
             "upstream": {"url": upstream.url},
             "listen": {
-                "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key), "client_ca": str(certs.ca_file)}
+                "tls": {
+                    "cert": str(certs.server_cert),
+                    "key": str(certs.server_key),
+                    "client_ca": str(certs.ca_file),
+                }
             },
             "routes": [{"match": {"path": "/who"}}],
         },
@@ -102,16 +113,23 @@ async def test_mtls_requires_a_certificate_from_the_configured_ca(
     del port
 
 
-async def test_missing_certificate_fails_at_startup(certs: Certs, upstream: Any, proxy_factory: Any) -> None:
+async def test_missing_certificate_fails_at_startup(
+    certs: Certs, upstream: Any, proxy_factory: Any
+) -> None:
     with pytest.raises(ConfigError) as err:
         await proxy_factory(
-            {"upstream": {"url": upstream.url}, "listen": {"tls": {"cert": "nope.pem", "key": str(certs.server_key)}}}
+            {
+                "upstream": {"url": upstream.url},
+                "listen": {"tls": {"cert": "nope.pem", "key": str(certs.server_key)}},
+            }
         )
     assert "listen.tls.cert" in str(err.value)
     assert "nope.pem" in str(err.value)
 
 
-async def test_upstream_https_is_verified(certs: Certs, proxy_factory: Any, aiohttp_server: Any) -> None:
+async def test_upstream_https_is_verified(
+    certs: Certs, proxy_factory: Any, aiohttp_server: Any
+) -> None:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="secure hello")
 
@@ -133,7 +151,9 @@ async def test_upstream_https_is_verified(certs: Certs, proxy_factory: Any, aioh
             assert "Certificate" in (await r.json())["error"]["message"]
 
 
-async def test_sighup_reload_serves_new_certificate(certs: Certs, upstream: Any, proxy_factory: Any, tmp_path: Any) -> None:
+async def test_sighup_reload_serves_new_certificate(
+    certs: Certs, upstream: Any, proxy_factory: Any, tmp_path: Any
+) -> None:
     from sidecrypt.proxy import tls as tls_mod
 
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
@@ -154,7 +174,9 @@ async def test_sighup_reload_serves_new_certificate(certs: Certs, upstream: Any,
 
     srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
     port = srv.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost")
+    _reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost"
+    )
     peer = writer.get_extra_info("peercert")
     writer.close()
     srv.close()

@@ -62,9 +62,7 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
     admin[appkeys.PROXY] = proxy_app
 
     async def readyz(request: web.Request) -> web.Response:
-        results = dict(
-            await asyncio.gather(*(_run(n, c) for n, c in readiness_checks(proxy_app)))
-        )
+        results = dict(await asyncio.gather(*(_run(n, c) for n, c in readiness_checks(proxy_app))))
         ready = all(r["ok"] for r in results.values())
         return web.json_response(
             {"status": "ready" if ready else "unready", "checks": results},

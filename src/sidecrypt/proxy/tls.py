@@ -38,7 +38,9 @@ def _readable(path: Path, setting: str, source: str | None) -> None:
         with path.open("rb"):
             pass
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", file=source, path=setting) from None
+        raise ConfigError(
+            f"cannot read {path}: {exc.strerror}", file=source, path=setting
+        ) from None
 
 
 def _load_chain(ctx: ssl.SSLContext, tls: ListenTLS, source: str | None) -> None:
@@ -76,7 +78,9 @@ def server_context(tls: ListenTLS, *, source: str | None = None) -> ssl.SSLConte
     return ctx
 
 
-def reload_server_context(ctx: ssl.SSLContext, tls: ListenTLS, *, source: str | None = None) -> None:
+def reload_server_context(
+    ctx: ssl.SSLContext, tls: ListenTLS, *, source: str | None = None
+) -> None:
     """Re-read certificate, key and client CA into the live context (SIGHUP)."""
     _load_chain(ctx, tls, source)
     log.info("tls certificates reloaded", extra={"cert": str(tls.cert)})
