@@ -51,9 +51,8 @@ def config(ring: Path, upstream_url: str, **extra_keys: Any) -> dict[str, Any]:
 
 
 async def fetch(url: str) -> tuple[aiohttp.ClientResponse, Any]:
-    async with aiohttp.ClientSession() as client:
-        async with client.get(url) as resp:
-            return resp, await resp.json()
+    async with aiohttp.ClientSession() as client, client.get(url) as resp:
+        return resp, await resp.json()
 
 
 Factory = Callable[..., Awaitable[Any]]
@@ -80,13 +79,12 @@ async def test_jwks_lists_public_keys_under_config_names(
     for jwk in doc["keys"]:
         assert jwk[jwks.PROVIDER_MEMBER] == "local"
         assert not PRIVATE_MEMBERS & set(jwk)
-        public, kid, version = hybrid.from_jwk(jwk)
+        _public, kid, version = hybrid.from_jwk(jwk)
         assert version == 1 and kid == jwk["kid"]
     assert hybrid.from_jwk(rsa_jwk)[0].key_size == 3072  # type: ignore[union-attr]
     # The proxy listener does not answer it: that path is the upstream's there.
-    async with aiohttp.ClientSession() as client:
-        async with client.get(proxy.url + jwks.PATH) as resp:
-            assert resp.status == 200 and (await resp.read()) == b""
+    async with aiohttp.ClientSession() as client, client.get(proxy.url + jwks.PATH) as resp:
+        assert resp.status == 200 and (await resp.read()) == b""
     assert upstream.seen[-1].path_qs == jwks.PATH
 
 
