@@ -98,6 +98,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from . import keyring as local_keys
 
+    if args.keys_verb == "list" and getattr(args, "config", None):
+        return _list_configured_keys(args.config)
     master = config.SecretRef(env=args.master_key_env).resolve() if args.master_key_env else None
     if args.keys_verb == "create":
         _out(local_keys.create_key(Path(args.keyring), args.name, master=master, kind=args.kind))
@@ -106,6 +108,44 @@ def cmd_keys(args: argparse.Namespace) -> int:
     else:
         _out(local_keys.list_keys(Path(args.keyring), master=master))
     return 0
+
+
+def _list_configured_keys(path: str) -> int:
+    """``keys list --config``: every configured key through its provider, never key bytes.
+
+    local: the keyring's metadata for that key; kms: DescribeKey + rotation status. A key that
+    cannot be listed gets an ``error`` entry and the exit code is 1.
+    """
+    from .keyring import list_keys
+    from .plugin_manager import build_providers, make_plugin_manager
+    from .plugins.local_keys import LocalKeyProvider
+
+    settings = config.load(path)
+
+    async def one(name: str, provider: Any) -> dict[str, Any]:
+        if isinstance(provider, LocalKeyProvider):
+            found = [k for k in list_keys(provider.path) if k["name"] == provider.key_name]
+            if not found:
+                raise ConfigError(f"no key named {provider.key_name!r}", file=str(provider.path))
+            return {**found[0], "name": name, "provider": "local", "key": provider.key_name}
+        if provider.type_name == "kms":
+            from .plugins.aws_kms import kms_key_status
+
+            return await kms_key_status(provider.options, name)
+        return dict(provider.describe())
+
+    async def all_keys() -> list[dict[str, Any]]:
+        out = []
+        for name, provider in build_providers(settings, make_plugin_manager()).items():
+            try:
+                out.append(await one(name, provider))
+            except SidecryptError as exc:
+                out.append({"name": name, "provider": provider.type_name, "error": exc.message})
+        return out
+
+    listed = asyncio.run(all_keys())
+    _out(listed)
+    return 1 if any("error" in k for k in listed) else 0
 
 
 def cmd_transform(args: argparse.Namespace) -> int:
@@ -180,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=cmd_keys)
     p = ksub.add_parser("list", help="list keys, versions and states")
     _common(p)
-    p.add_argument("--keyring", required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--keyring", help="a local keyring file")
+    where.add_argument("--config", "-c", help="every key a config names, through its provider")
     p.add_argument("--master-key-env", default=None)
     p.set_defaults(fn=cmd_keys)
 
