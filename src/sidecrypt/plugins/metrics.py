@@ -4,7 +4,8 @@ One ``CollectorRegistry`` per app (never the global one), kept at ``app[METRICS]
 counts and latency come from a middleware on the proxy app (route label from
 ``request[appkeys.ROUTE]``, upstream time from ``request[appkeys.UPSTREAM_SECONDS]``); field,
 reveal, failure and provider-call counts come from audit events through a per-app plugin object;
-data key cache and audit queue figures are read at scrape time by a custom collector.
+data key cache, KMS request/breaker and audit queue figures are read at scrape time by a
+custom collector.
 
 Label values are config strings (route labels, key names), operation names, outcomes, status
 codes and error class names: never field values, context values or key material.
@@ -13,7 +14,7 @@ codes and error class names: never field values, context values or key material.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from .. import appkeys, hookimpl
 from ..config import Settings
 from ..events import AuditEvent
 from .audit import audit_stats
+from .aws_kms_resilience import CallStats, CircuitBreaker
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UNMATCHED = "unmatched"
@@ -69,6 +71,7 @@ class _StateCollector:
                 "Failed key provider calls",
                 value=stats.get("provider_errors", 0),
             )
+            yield from _key_service_metrics(keys.providers)
         audit = audit_stats(self.app)
         if audit is not None:
             yield GaugeMetricFamily(
@@ -93,6 +96,64 @@ class _StateCollector:
             yield GaugeMetricFamily(
                 "sidecrypt_audit_healthy", "1 when every audit sink writes", value=audit["healthy"]
             )
+
+
+def _key_service_metrics(providers: Mapping[str, Any]) -> Iterator[Metric]:
+    """Remote key service (KMS) figures: requests sent, retries, breaker, outage age.
+
+    Read from providers that keep :class:`CallStats` (``provider.stats``); requests count every
+    attempt sent, so they exceed ``sidecrypt_key_provider_calls`` when calls are retried.
+    """
+    labels = ["key", "provider"]
+    requests = CounterMetricFamily(
+        "sidecrypt_kms_requests",
+        "Requests sent to the key service (every attempt) by operation and outcome",
+        labels=[*labels, "operation", "outcome"],
+    )
+    short = CounterMetricFamily(
+        "sidecrypt_kms_short_circuited",
+        "Calls refused without a request because the circuit breaker was open",
+        labels=[*labels, "operation"],
+    )
+    retries = CounterMetricFamily(
+        "sidecrypt_kms_retries", "Attempts repeated after throttling or 5xx", labels=labels
+    )
+    opened = CounterMetricFamily(
+        "sidecrypt_kms_breaker_opened", "Times the circuit breaker opened", labels=labels
+    )
+    state = GaugeMetricFamily(
+        "sidecrypt_kms_breaker_state",
+        "1 for the circuit breaker's current state (closed, open, half_open)",
+        labels=[*labels, "state"],
+    )
+    outage = GaugeMetricFamily(
+        "sidecrypt_kms_outage_seconds",
+        "Seconds since the key service started failing (0 when healthy)",
+        labels=labels,
+    )
+    found = False
+    for name, provider in providers.items():
+        stats = getattr(provider, "stats", None)
+        if not isinstance(stats, CallStats):
+            continue
+        found = True
+        key = [name, str(provider.type_name)]
+        for (op, outcome), n in sorted(stats.calls.items()):
+            requests.add_metric([*key, op, outcome], n)
+        for op, n in sorted(stats.short_circuited.items()):
+            short.add_metric([*key, op], n)
+        retries.add_metric(key, stats.retries)
+        opened.add_metric(key, stats.breaker_opened)
+        breaker = getattr(provider, "breaker", None)
+        if isinstance(breaker, CircuitBreaker):
+            current = breaker.state
+            for each in ("closed", "open", "half_open"):
+                state.add_metric([*key, each], 1.0 if current == each else 0.0)
+        outage_seconds = getattr(provider, "outage_seconds", None)
+        if callable(outage_seconds):
+            outage.add_metric(key, float(outage_seconds()))
+    if found:
+        yield from (requests, short, retries, opened, state, outage)
 
 
 class Metrics:
