@@ -24,6 +24,7 @@ from yarl import URL
 from .. import appkeys
 from ..config import Settings
 from ..errors import (
+    CryptoError,
     AuditError,
     KeyProviderError,
     RequestError,
@@ -183,9 +184,12 @@ class Proxy:
         self, request: web.Request, route: CompiledRoute, body: bytes, context: Any
     ) -> bytes:
         if route.request_decrypt:
-            body, labels, _ = await self.fields.decrypt_body(
-                body, route, route.request_decrypt, context
-            )
+            try:
+                body, labels, _ = await self.fields.decrypt_body(
+                    body, route, route.request_decrypt, context
+                )
+            except CryptoError as exc:  # the client sent a token we cannot open: its mistake
+                raise RequestError(exc.message, status=400, code=exc.code) from None
             self._field_event("decrypt_fields", request, route, context, labels)
         if route.request_encrypt:
             body, labels = await self.fields.encrypt_body(body, route, route.request_encrypt, context)
