@@ -223,3 +223,24 @@ def test_two_workers_share_the_port(example: Path) -> None:
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+
+
+def test_key_administration_is_audited(tmp_path: Path) -> None:
+    ring = tmp_path / "ring.json"
+    audit = tmp_path / "audit.jsonl"
+    cfg = tmp_path / "audit.yaml"
+    cfg.write_text(
+        "upstream: {url: 'http://127.0.0.1:9'}\n"
+        f"audit: {{file: '{audit}', hmac_key: {{env: SC_TEST_AUDIT_KEY}}}}\n"
+    )
+    env = {"SC_TEST_AUDIT_KEY": "k" * 32}
+    made = run("keys", "create", "--keyring", str(ring), "app", "--audit-config", str(cfg), env=env)
+    assert made.returncode == 0, made.stderr
+    rotated = run("keys", "rotate", "--keyring", str(ring), "app", "--audit-config", str(cfg), env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    admin = [e["event"] for e in events if e["kind"] == "event"]
+    assert [(e["action"], e["key_version"]) for e in admin] == [("key_create", 1), ("key_rotate", 2)]
+    assert all(e["principal"].startswith("os:") for e in admin)
+    verified = run("audit", "verify", "--key-env", "SC_TEST_AUDIT_KEY", str(audit), env=env)
+    assert verified.returncode == 0, verified.stdout

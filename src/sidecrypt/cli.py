@@ -101,12 +101,45 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_verb == "list" and getattr(args, "config", None):
         return _list_configured_keys(args.config)
     master = config.SecretRef(env=args.master_key_env).resolve() if args.master_key_env else None
-    if args.keys_verb == "create":
-        _out(local_keys.create_key(Path(args.keyring), args.name, master=master, kind=args.kind))
-    elif args.keys_verb == "rotate":
-        _out(local_keys.rotate_key(Path(args.keyring), args.name, master=master))
+    if args.keys_verb in ("create", "rotate"):
+        if args.keys_verb == "create":
+            info = local_keys.create_key(
+                Path(args.keyring), args.name, master=master, kind=args.kind
+            )
+        else:
+            info = local_keys.rotate_key(Path(args.keyring), args.name, master=master)
+        _out(info)
+        if args.audit_config:
+            return _audit_key_admin(args.audit_config, f"key_{args.keys_verb}", info)
     else:
         _out(local_keys.list_keys(Path(args.keyring), master=master))
+    return 0
+
+
+def _audit_key_admin(path: str, action: str, info: dict[str, Any]) -> int:
+    """Record a CLI key administration (who: the OS user) in a config's audit trail."""
+    import getpass
+
+    from .events import AuditEvent
+    from .plugin_manager import make_plugin_manager
+    from .plugins.audit import record_events
+
+    settings = config.load(path)
+    event = AuditEvent(
+        action,
+        key=str(info["name"]),
+        provider="local",
+        key_version=int(info["version"]),
+        principal=f"os:{getpass.getuser()}",
+    )
+    try:
+        asyncio.run(record_events(settings, make_plugin_manager(), [event]))
+    except SidecryptError as exc:
+        print(
+            f"sidecrypt: the key changed but the audit trail did not record it: {exc.message}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -217,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name")
         if name == "create":
             p.add_argument("--kind", choices=("aes256", "rsa3072", "p256"), default="aes256")
+        p.add_argument(
+            "--audit-config",
+            default=None,
+            help="record this key administration in the audit trail of this config",
+        )
         p.set_defaults(fn=cmd_keys)
     p = ksub.add_parser("list", help="list keys, versions and states")
     _common(p)
