@@ -236,11 +236,74 @@ def test_key_administration_is_audited(tmp_path: Path) -> None:
     env = {"SC_TEST_AUDIT_KEY": "k" * 32}
     made = run("keys", "create", "--keyring", str(ring), "app", "--audit-config", str(cfg), env=env)
     assert made.returncode == 0, made.stderr
-    rotated = run("keys", "rotate", "--keyring", str(ring), "app", "--audit-config", str(cfg), env=env)
+    rotated = run(
+        "keys", "rotate", "--keyring", str(ring), "app", "--audit-config", str(cfg), env=env
+    )
     assert rotated.returncode == 0, rotated.stderr
     events = [json.loads(line) for line in audit.read_text().splitlines()]
     admin = [e["event"] for e in events if e["kind"] == "event"]
-    assert [(e["action"], e["key_version"]) for e in admin] == [("key_create", 1), ("key_rotate", 2)]
+    assert [(e["action"], e["key_version"]) for e in admin] == [
+        ("key_create", 1),
+        ("key_rotate", 2),
+    ]
     assert all(e["principal"].startswith("os:") for e in admin)
     verified = run("audit", "verify", "--key-env", "SC_TEST_AUDIT_KEY", str(audit), env=env)
     assert verified.returncode == 0, verified.stdout
+
+
+def test_rewrap_moves_tokens_to_the_newest_version_and_to_another_key(tmp_path: Path) -> None:
+    from sidecrypt import envelope
+
+    for name in ("app", "archive"):
+        assert (
+            run("keys", "create", "--keyring", str(tmp_path / f"{name}.json"), name).returncode == 0
+        )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "upstream: {url: 'http://127.0.0.1:9'}\nkeys:\n"
+        "  app: {provider: local, keyring: app.json}\n"
+        "  archive: {provider: local, keyring: archive.json}\n"
+    )
+    doc = {"rows": [{"ssn": "canary-rewrap-1"}, {"ssn": 42}]}
+    fields = ("--field", "$.rows[*].ssn")
+    enc = run(
+        "encrypt",
+        "--config",
+        str(cfg),
+        "--key",
+        "app",
+        *fields,
+        "--context",
+        "t=a",
+        stdin=json.dumps(doc).encode(),
+    )
+    assert enc.returncode == 0, enc.stderr
+    assert run("keys", "rotate", "--keyring", str(tmp_path / "app.json"), "app").returncode == 0
+
+    def versions(raw: bytes) -> list[tuple[str, int]]:
+        rows = json.loads(raw)["rows"]
+        return [(e.key_name, e.key_version) for e in (envelope.parse(r["ssn"]) for r in rows)]
+
+    assert versions(enc.stdout) == [("app", 1), ("app", 1)]
+    rotated = run("rewrap", "--config", str(cfg), *fields, "--to-key", "app", stdin=enc.stdout)
+    assert rotated.returncode == 0, rotated.stderr
+    assert versions(rotated.stdout) == [("app", 2), ("app", 2)]
+    assert json.loads(rotated.stderr.splitlines()[-1]) == {"rewrapped": 2, "from": {"app:1": 2}}
+    moved = run(
+        "rewrap", "--config", str(cfg), *fields, "--to-key", "archive", stdin=rotated.stdout
+    )
+    assert versions(moved.stdout) == [("archive", 1), ("archive", 1)]
+    assert b"canary-rewrap-1" not in rotated.stdout + moved.stdout + moved.stderr
+    dec = run(
+        "decrypt",
+        "--config",
+        str(cfg),
+        "--key",
+        "archive",
+        *fields,
+        "--context",
+        "t=a",
+        stdin=moved.stdout,
+    )
+    assert dec.returncode == 0, dec.stderr
+    assert json.loads(dec.stdout) == doc

@@ -201,6 +201,22 @@ def cmd_transform(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    from .offline import rewrap_document
+
+    source = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+    settings = config.load(args.config)
+    out, moved = asyncio.run(
+        rewrap_document(settings, source, selectors=tuple(args.field), to_key=args.to_key)
+    )
+    sys.stdout.buffer.write(out + b"\n")
+    counts: dict[str, int] = {}
+    for _, key, version in moved:
+        counts[f"{key}:{version}"] = counts.get(f"{key}:{version}", 0) + 1
+    print(json.dumps({"rewrapped": len(moved), "from": counts}), file=sys.stderr)
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from .audit_chain import verify_files
 
@@ -272,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--field", action="append", help="a selector (repeatable)")
         p.add_argument("--key", help="key name (with --field)")
         p.add_argument("--context", action="append", help="NAME=VALUE (repeatable)")
+
+    p = verb("rewrap", cmd_rewrap, "re-encrypt stored tokens under a key's newest version")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("input", nargs="?", default="-", help="JSON file, or - for stdin")
+    p.add_argument("--field", action="append", required=True, help="a selector (repeatable)")
+    p.add_argument("--to-key", required=True, help="the configured key to re-encrypt under")
 
     audit = verb("audit", lambda a: 2, "audit trail tools")
     asub = audit.add_subparsers(dest="audit_verb", required=True, metavar="VERB")

@@ -10,7 +10,7 @@ from .errors import ConfigError
 from .keys import DataKeyService, canonical_context
 from .plugin_manager import build_providers, make_plugin_manager
 from .proxy.fields import FieldCrypto
-from .proxy.routes import Router
+from .proxy.routes import Router, adhoc_route
 
 
 async def transform_document(
@@ -60,6 +60,28 @@ async def transform_document(
             context=context,
             any_key=direction == "decrypt",
         )
+    finally:
+        for provider in providers.values():
+            await provider.close()
+
+
+async def rewrap_document(
+    settings: Settings, doc: bytes, *, selectors: Sequence[str], to_key: str
+) -> tuple[bytes, list[tuple[str, str, int]]]:
+    """Re-encrypt the tokens at ``selectors`` under ``to_key``'s newest version.
+
+    For key rotation (old versions -> newest) and moving data to another key or provider
+    (another account's KMS key, say) without the plaintext leaving this process.
+    """
+    if to_key not in settings.keys:
+        raise ConfigError(f"unknown key {to_key!r}", file=settings.source, path="--to-key")
+    providers = build_providers(settings, make_plugin_manager())
+    crypto = FieldCrypto(DataKeyService(providers))
+    for provider in providers.values():
+        await provider.start()
+    try:
+        specs = adhoc_route(to_key, selectors, any_key=True).response_decrypt
+        return await crypto.rewrap_body(doc, specs, to_key=to_key)
     finally:
         for provider in providers.values():
             await provider.close()

@@ -251,6 +251,34 @@ class FieldCrypto:
             )
         return env, self.keys.cached_for_decrypt(env.wrapped)
 
+    async def rewrap_body(
+        self, body: bytes, specs: Sequence[CompiledField], *, to_key: str
+    ) -> tuple[bytes, list[tuple[str, str, int]]]:
+        """Re-encrypt every token at the selected slots under ``to_key`` (its newest version).
+
+        Each token keeps its stored context and label, so it stays bound where it was. The
+        plaintext exists only in this process's memory. Returns the new body and, per token,
+        (label, old key name, old key version): what still used an old key before the run.
+        """
+        doc = _parse(body)
+        target = self.keys.provider(to_key)
+        moved: list[tuple[str, str, int]] = []
+        for container, key, lab in _collect(doc, specs, encrypting=False):
+            token = container[key]
+            if not is_envelope(token):
+                continue
+            env = parse(token)
+            aead = self.keys.cached_for_decrypt(env.wrapped) or await self._unwrap(env)
+            value = decrypt_value(env, aead, lab)
+            plain = dumps_json(value)
+            cached = await self.keys.for_encrypt(to_key, env.context, len(plain))
+            header = build_header(
+                target.type_name, to_key, cached.key_version, env.context, cached.wrapped
+            )
+            container[key] = seal(plain, cached.aead, header=header, label=lab)
+            moved.append((lab, env.key_name, env.key_version))
+        return _serialise(doc), moved
+
     async def _unwrap(self, env: Envelope) -> AESGCM:
         return await self.keys.for_decrypt(env.key_name, env.wrapped, env.key_version, env.context)
 
