@@ -116,9 +116,21 @@ def response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> CI
 
 
 def upstream_url(base: URL, raw_path: str) -> URL:
-    """Join the upstream base and the client's raw path+query without re-encoding anything."""
-    prefix = base.raw_path.rstrip("/")
-    return base.with_path("/", encoded=True).join(URL(prefix + raw_path, encoded=True))
+    """Append the client's raw path+query to the upstream base without re-encoding anything.
+
+    Built, never joined: a relative reference such as ``//other-host/x`` or an absolute-form
+    target must not be able to choose the host the proxy connects to.
+    """
+    path, sep, query = raw_path.partition("?")
+    if not path.startswith("/"):
+        path = "/" + path
+    return URL.build(
+        scheme=base.scheme,
+        authority=base.raw_authority,
+        path=base.raw_path.rstrip("/") + path,
+        query_string=query if sep else "",
+        encoded=True,
+    )
 
 
 def check_path(request: web.Request) -> None:
@@ -128,6 +140,11 @@ def check_path(request: web.Request) -> None:
     route that must encrypt without matching it.
     """
     raw = request.raw_path.split("?", 1)[0]
+    if not raw.startswith("/") or "//" in raw:
+        # Absolute-form targets and empty segments: the upstream may read another host or path.
+        raise RequestError(
+            "the request target must be a path without empty segments", code="ambiguous_path"
+        )
     lowered = raw.lower()
     if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
         raise RequestError("encoded slashes are not allowed in the path", code="ambiguous_path")
