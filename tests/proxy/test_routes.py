@@ -32,7 +32,7 @@ def hit(r: Router, method: str, path: str) -> tuple[int, dict[str, str]] | None:
     ("pattern", "path", "matches"),
     [
         ("/users", "/users", True),
-        ("/users", "/users/", False),
+        ("/users", "/users/", True),  # many upstreams route /users/ as /users
         ("/users", "/users2", False),
         ("/users", "/Users", False),
         ("/users/**", "/users", True),

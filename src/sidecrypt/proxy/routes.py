@@ -230,6 +230,20 @@ class Router:
         self._patterns = tuple(r for r in self.routes if r.pattern is not None)
 
     def match(self, method: str, path: str) -> tuple[CompiledRoute, dict[str, str]] | None:
+        """The first route for ``method`` and ``path``.
+
+        A path no route matches is tried once more in the form many upstreams route it as:
+        without matrix parameters (``/a;jsessionid=x/b``, Tomcat/Spring) and without a trailing
+        slash (Spring < 6, Django, Flask). Matching more only ever encrypts more.
+        """
+        hit = self._match(method, path)
+        if hit is None and (";" in path or (path.endswith("/") and len(path) > 1)):
+            alt = "/".join(seg.partition(";")[0] for seg in path.split("/")).rstrip("/") or "/"
+            if alt != path:
+                return self._match(method, alt)
+        return hit
+
+    def _match(self, method: str, path: str) -> tuple[CompiledRoute, dict[str, str]] | None:
         method = method.upper()
         hit: CompiledRoute | None = None
         for route in self._literal.get(path, ()):
