@@ -12,6 +12,7 @@ from __future__ import annotations
 import binascii
 import itertools
 import json
+import math
 import os
 import re
 import struct
@@ -70,8 +71,25 @@ def dumps_json(value: Any) -> bytes:
 def loads_json(data: bytes) -> Any:
     """Parse JSON keeping big integers exact. Raises ValueError on malformed input."""
     if _LONG_RUN in data.translate(_DIGITS):
-        return json.loads(data, parse_constant=_reject_constant)
+        # Refuse what orjson refuses: 1e999 (would become inf, then null), lone surrogates,
+        # nesting deep enough to exhaust the stack.
+        try:
+            doc = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+            if b"\\ud" in data.lower():
+                json.dumps(doc, ensure_ascii=False).encode()
+        except RecursionError:
+            raise ValueError("JSON is nested too deeply") from None
+        except UnicodeEncodeError:
+            raise ValueError("JSON string holds a lone surrogate") from None
+        return doc
     return orjson.loads(data)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
 
 
 def _reject_constant(name: str) -> Any:

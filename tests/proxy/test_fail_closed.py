@@ -214,6 +214,8 @@ async def chunks(data: bytes) -> AsyncIterator[bytes]:
                          "url": "/accounts/1"}, 400, "malformed_json"),
         ("overflow-bigint", {"data": b'{"ssn": 1e999, "n": 12345678901234567890123}'}, 400,
          "malformed_json"),
+        ("surrogate-bigint", {"data": b'{"ssn": "\\ud800", "n": 12345678901234567890123}'}, 400,
+         "malformed_json"),
     ],
 )
 async def test_refused_requests_forward_nothing(
