@@ -24,8 +24,9 @@ from yarl import URL
 from .. import appkeys
 from ..config import Settings
 from ..errors import (
-    CryptoError,
+    AccessDenied,
     AuditError,
+    CryptoError,
     KeyProviderError,
     RequestError,
     SidecryptError,
@@ -338,9 +339,12 @@ class Proxy:
             raise _upstream_failure(exc) from exc
         if route.response_decrypt:
             decide = self._decider(request, route)
-            body, labels, outcomes = await self.fields.decrypt_body(
-                body, route, route.response_decrypt, context, decide=decide
-            )
+            try:
+                body, labels, outcomes = await self.fields.decrypt_body(
+                    body, route, route.response_decrypt, context, decide=decide
+                )
+            except RequestError as exc:
+                raise _upstream_body_error(exc) from None
             self._field_event("decrypt_fields", request, route, context, labels)
             rid = request[appkeys.REQUEST_ID]
             for event in decide.audit_events(request_id=rid, context=dict(context)):
@@ -349,9 +353,12 @@ class Proxy:
                 if outcome == "error":
                     self._field_event("reveal", request, route, context, [label], outcome=outcome)
         if route.response_encrypt:
-            body, labels = await self.fields.encrypt_body(
-                body, route, route.response_encrypt, context
-            )
+            try:
+                body, labels = await self.fields.encrypt_body(
+                    body, route, route.response_encrypt, context
+                )
+            except RequestError as exc:
+                raise _upstream_body_error(exc) from None
             self._field_event("encrypt_fields", request, route, context, labels)
         headers = forward.response_headers(upstream.headers, keep_length=False)
         return web.Response(
@@ -382,6 +389,13 @@ def _upstream_failure(exc: BaseException) -> UpstreamError:
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout("the upstream did not answer in time")
     return UpstreamError(f"the upstream failed mid-response ({type(exc).__name__})")
+
+
+def _upstream_body_error(exc: RequestError) -> SidecryptError:
+    """Broken JSON or a missing required field in a response is the upstream's fault: 502."""
+    if isinstance(exc, AccessDenied):
+        return exc
+    return UpstreamError(f"the upstream response: {exc.message}", code="upstream_bad_body")
 
 
 def _principal_id(request: web.Request) -> str | None:
