@@ -13,7 +13,6 @@ import json
 import sqlite3
 import ssl
 import tempfile
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +112,7 @@ def demo_settings(workdir: Path, upstream: str, listen: str, admin: str) -> conf
 def _show(title: str, doc: Any) -> str:
     text = json.dumps(doc, indent=2, ensure_ascii=False)
     return f"--- {title} ---\n" + "\n".join(
-        textwrap.shorten(line, 110, placeholder="...") if len(line) > 110 else line
+        line[:107] + "..." if len(line) > 110 else line  # keep the start of a token visible
         for line in text.splitlines()
     )
 
