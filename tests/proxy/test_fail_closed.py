@@ -78,12 +78,14 @@ async def setup(
 Setup = tuple[RunningProxy, Upstream, aiohttp.ClientSession, Path]
 
 
-async def expect_error(resp: aiohttp.ClientResponse, status: int, code: str | None = None) -> dict:
+async def expect_error(
+    resp: aiohttp.ClientResponse, status: int, code: str | None = None
+) -> dict[str, Any]:
     text = await resp.text()
     assert resp.status == status, text
     assert CANARY not in text
     assert resp.content_type == "application/json"
-    body = json.loads(text)
+    body: dict[str, Any] = json.loads(text)
     assert set(body) == {"error"}
     assert {"code", "message"} <= set(body["error"])
     assert all(isinstance(body["error"][k], str) for k in ("code", "message"))
@@ -167,7 +169,7 @@ class BrokenProvider:
 class BrokenPlugin:
     @hookimpl
     def sidecrypt_key_provider_types(self) -> list[type[KeyProvider]]:
-        return [BrokenProvider]  # type: ignore[list-item]
+        return [BrokenProvider]
 
 
 async def test_provider_raising_is_503_with_retry_after(
@@ -177,10 +179,12 @@ async def test_provider_raising_is_503_with_retry_after(
     raw["keys"] = {"app": {"provider": "broken"}}
     proxy = await proxy_factory(raw, base_dir=tmp_path, plugins=(BrokenPlugin(),))
     connector = aiohttp.TCPConnector(ssl=certs.client_context())
-    async with aiohttp.ClientSession(connector=connector) as client:
-        async with client.post(f"{proxy.url}/users/1", json=RECORD) as resp:
-            await expect_error(resp, 503, "key_provider_unavailable")
-            assert resp.headers["Retry-After"].isdigit()
+    async with (
+        aiohttp.ClientSession(connector=connector) as client,
+        client.post(f"{proxy.url}/users/1", json=RECORD) as resp,
+    ):
+        await expect_error(resp, 503, "key_provider_unavailable")
+        assert resp.headers["Retry-After"].isdigit()
     assert upstream.seen == []
 
 
@@ -199,23 +203,56 @@ async def chunks(data: bytes) -> AsyncIterator[bytes]:
     [
         ("malformed", {"data": b'{"ssn": "' + CANARY.encode() + b'",'}, 400, "malformed_json"),
         ("text", {"data": json.dumps(RECORD), "ctype": "text/plain"}, 415, None),
-        ("form", {"data": f"ssn={CANARY}", "ctype": "application/x-www-form-urlencoded"}, 415, None),
+        (
+            "form",
+            {"data": f"ssn={CANARY}", "ctype": "application/x-www-form-urlencoded"},
+            415,
+            None,
+        ),
         ("no-type", {"data": json.dumps(RECORD).encode(), "ctype": None}, 415, None),
         ("too-big", {"data": big_record(LIMIT)}, 413, "body_too_large"),
         ("too-big-chunked", {"data": big_record(4 * LIMIT), "chunked": True}, 413, None),
         ("gzip", {"data": gzip.compress(json.dumps(RECORD).encode()), "enc": "gzip"}, 415, None),
-        ("gzip-chunked", {"data": gzip.compress(json.dumps(RECORD).encode()), "enc": "gzip",
-                          "chunked": True}, 415, None),
-        ("required-missing", {"data": json.dumps({"card": {"number": CANARY}})}, 400,
-         "missing_field"),
+        (
+            "gzip-chunked",
+            {"data": gzip.compress(json.dumps(RECORD).encode()), "enc": "gzip", "chunked": True},
+            415,
+            None,
+        ),
+        (
+            "required-missing",
+            {"data": json.dumps({"card": {"number": CANARY}})},
+            400,
+            "missing_field",
+        ),
         # A 19+ digit integer takes the stdlib parser: it must refuse what orjson refuses.
-        ("deep-bigint", {"data": b'{"ssn": "' + CANARY.encode() + b'", "n": '
-                         + b"[" * 3000 + b"12345678901234567890123" + b"]" * 3000 + b"}",
-                         "url": "/accounts/1"}, 400, "malformed_json"),
-        ("overflow-bigint", {"data": b'{"ssn": 1e999, "n": 12345678901234567890123}'}, 400,
-         "malformed_json"),
-        ("surrogate-bigint", {"data": b'{"ssn": "\\ud800", "n": 12345678901234567890123}'}, 400,
-         "malformed_json"),
+        (
+            "deep-bigint",
+            {
+                "data": b'{"ssn": "'
+                + CANARY.encode()
+                + b'", "n": '
+                + b"[" * 3000
+                + b"12345678901234567890123"
+                + b"]" * 3000
+                + b"}",
+                "url": "/accounts/1",
+            },
+            400,
+            "malformed_json",
+        ),
+        (
+            "overflow-bigint",
+            {"data": b'{"ssn": 1e999, "n": 12345678901234567890123}'},
+            400,
+            "malformed_json",
+        ),
+        (
+            "surrogate-bigint",
+            {"data": b'{"ssn": "\\ud800", "n": 12345678901234567890123}'},
+            400,
+            "malformed_json",
+        ),
     ],
 )
 async def test_refused_requests_forward_nothing(

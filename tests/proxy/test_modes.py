@@ -109,10 +109,12 @@ async def test_client_side_refuses_an_upstream_it_cannot_verify(
         ],
     }
     proxy = await proxy_factory(raw, tls=False)
-    async with aiohttp.ClientSession() as client:
-        async with client.put(f"{proxy.url}/records/1", json=RECORD) as resp:
-            assert resp.status == 502
-            assert CANARY not in await resp.text()
+    async with (
+        aiohttp.ClientSession() as client,
+        client.put(f"{proxy.url}/records/1", json=RECORD) as resp,
+    ):
+        assert resp.status == 502
+        assert CANARY not in await resp.text()
     assert remote.seen == []
 
 
@@ -161,9 +163,11 @@ async def test_client_side_plain_upstream_when_explicitly_allowed(
         ],
     }
     proxy = await proxy_factory(raw, tls=False)
-    async with aiohttp.ClientSession() as client:
-        async with client.post(f"{proxy.url}/records/1", json=RECORD) as resp:
-            assert await resp.json() == RECORD  # echoed ciphertext, decrypted on the way back
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(f"{proxy.url}/records/1", json=RECORD) as resp,
+    ):
+        assert await resp.json() == RECORD  # echoed ciphertext, decrypted on the way back
     assert CANARY.encode() not in upstream.all_bytes()
 
 
@@ -194,9 +198,7 @@ def response_config(up: Upstream, tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def responder(
-    certs: Certs, tmp_path: Path, upstream_factory: Any, proxy_factory: Any
-) -> Any:
+async def responder(certs: Certs, tmp_path: Path, upstream_factory: Any, proxy_factory: Any) -> Any:
     """An upstream whose next answer the test sets: (body bytes, headers)."""
     answer: dict[str, Any] = {"body": b"{}", "headers": {"Content-Type": "application/json"}}
     store: dict[str, bytes] = {}
