@@ -11,6 +11,20 @@ The wrapped data key is the KMS CiphertextBlob; KMS rotates the key material its
 envelope's key version is always 0 and old blobs keep decrypting. The encryption context goes
 to KMS with both calls, so a blob moved to another context does not unwrap.
 
+Asymmetric keys (KeySpec ``RSA_2048``/``RSA_3072``/``RSA_4096``, KeyUsage ``ENCRYPT_DECRYPT``;
+the spec is learnt from DescribeKey) serve clients that cannot call KMS: :meth:`public_jwks`
+publishes the public key from GetPublicKey (fetched once, then cached: KMS never rotates
+asymmetric key material) as an ``RSA-OAEP-256`` JWK with kid ``"<config key name>:1"``. Data
+keys are generated locally and wrapped with that public key exactly as
+:mod:`sidecrypt.hybrid` lays it out (RSAES-OAEP, SHA-256 hash and MGF1, empty label), so
+sidecar-made and client-made tokens are one format; their envelope key version is 1 (a hybrid
+kid's version is at least 1), which is how a token routes back to the RSA path here. Unwrapping
+is KMS ``Decrypt`` with ``KeyId`` and ``EncryptionAlgorithm=RSAES_OAEP_SHA_256`` and *no*
+``EncryptionContext``: KMS accepts a context only for symmetric keys, and an OAEP wrap has no
+room for one. The context is still bound: the field envelope's AAD covers its header, which
+holds the context, so a token moved to another context fails to authenticate after the unwrap.
+A key of any other spec or usage (signing, HMAC, ECC) fails ``start()``.
+
 Failure rules: throttling and 5xx are retried with jittered backoff (botocore's own retries are
 off, so every attempt is counted in :attr:`KmsKeyProvider.stats`); timeouts, refused
 connections and refusals (access denied, key not found or disabled) fail at once with
@@ -28,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,9 +59,12 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import Field, field_validator
 
-from .. import hookimpl
+from .. import hookimpl, hybrid
 from ..errors import CryptoError, KeyProviderError
 from ..keys import DataKey, KeyProvider, ProviderOptions
 from .aws_kms_resilience import CallStats, CircuitBreaker, backoff_delay
@@ -56,6 +74,10 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 50
 ROLE_DURATION = 3600
 READY_FRACTION = 0.8  # unready once this share of outage_grace has passed
+SYMMETRIC = "SYMMETRIC_DEFAULT"
+RSA_ALGORITHM = "RSAES_OAEP_SHA_256"
+RSA_WRAPPED_BYTES = {"RSA_2048": 256, "RSA_3072": 384, "RSA_4096": 512}  # spec -> modulus bytes
+ASYMMETRIC_VERSION = 1  # envelope key version of RSA-wrapped data keys (hybrid kids are >= 1)
 
 _CRYPTO_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
 _THROTTLE_CODES = frozenset(
@@ -157,6 +179,10 @@ class KmsKeyProvider:
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._facts: dict[str, Any] = {}
+        self._spec: str | None = None  # KeySpec, once DescribeKey answered
+        self._public: rsa.RSAPublicKey | None = None
+        self._learning = asyncio.Lock()
+        self.kid = f"{name}:{ASYMMETRIC_VERSION}"
         self._config = AioConfig(
             region_name=options.region,
             connect_timeout=options.timeout,
@@ -216,7 +242,19 @@ class KmsKeyProvider:
         }
 
     async def start(self) -> None:
-        """Create the client and look the key up once; KMS being down does not stop start-up."""
+        """Create the client and look the key up once; KMS being down does not stop start-up.
+
+        A key KMS describes as unusable for data keys (signing, HMAC, ECC) does.
+        """
+        await self._open()
+        if self._spec is not None:
+            try:
+                self._check_usable()
+            except KeyProviderError:
+                await self.close()
+                raise
+
+    async def _open(self) -> None:
         stack = contextlib.AsyncExitStack()
         try:
             self._client = await stack.enter_async_context(
@@ -239,12 +277,36 @@ class KmsKeyProvider:
                 ) from None
             log.warning("KMS key %s not checked at start: %s", self.name, exc.message)
             return
+        self._learn(meta)
+
+    def _learn(self, meta: Mapping[str, Any]) -> None:
         self._facts = {
             "arn": meta.get("Arn"),
             "key_state": meta.get("KeyState"),
             "key_spec": meta.get("KeySpec"),
             "key_usage": meta.get("KeyUsage"),
         }
+        self._spec = str(meta.get("KeySpec") or SYMMETRIC)
+
+    def _check_usable(self) -> None:
+        usage = self._facts.get("key_usage") or "ENCRYPT_DECRYPT"
+        if usage != "ENCRYPT_DECRYPT" or (
+            self._spec != SYMMETRIC and self._spec not in RSA_WRAPPED_BYTES
+        ):
+            raise KeyProviderError(
+                f"key {self.name!r}: KMS key {self.key_id} ({self._spec}, {usage}) cannot wrap "
+                "data keys; use a symmetric key or an RSA key with KeyUsage ENCRYPT_DECRYPT"
+            )
+
+    async def _key_spec(self) -> str:
+        """The KeySpec; asks KMS (DescribeKey) only if start-up could not."""
+        if self._spec is None:
+            async with self._learning:
+                if self._spec is None:
+                    self._learn((await self._call("DescribeKey", KeyId=self.key_id))["KeyMetadata"])
+        self._check_usable()
+        assert self._spec is not None
+        return self._spec
 
     async def close(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
@@ -317,6 +379,11 @@ class KmsKeyProvider:
         )
 
     async def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
+        if await self._key_spec() != SYMMETRIC:
+            public = await self._public_key()
+            plaintext = os.urandom(32)
+            wrapped = hybrid.wrap(public, self.kid, plaintext, context)
+            return DataKey(plaintext, wrapped, ASYMMETRIC_VERSION)
         params: dict[str, Any] = {"KeyId": self.key_id, "KeySpec": "AES_256"}
         if context:
             params["EncryptionContext"] = dict(context)
@@ -326,6 +393,9 @@ class KmsKeyProvider:
     async def decrypt_data_key(
         self, wrapped: bytes, key_version: int, context: Mapping[str, str]
     ) -> bytes:
+        spec = await self._key_spec()
+        if spec != SYMMETRIC:
+            return await self._decrypt_rsa(spec, wrapped, key_version)
         if key_version != 0:
             raise CryptoError(f"key {self.name!r}: KMS data keys carry version 0")
         params: dict[str, Any] = {"CiphertextBlob": wrapped, "KeyId": self.key_id}
@@ -333,6 +403,56 @@ class KmsKeyProvider:
             params["EncryptionContext"] = dict(context)
         resp = await self._call("Decrypt", **params)
         return bytes(resp["Plaintext"])
+
+    # -- asymmetric (RSA) keys ------------------------------------------------------------
+
+    async def _decrypt_rsa(self, spec: str, wrapped: bytes, key_version: int) -> bytes:
+        """KMS unwraps; no EncryptionContext (refused for asymmetric keys; field AAD binds it)."""
+        if key_version != ASYMMETRIC_VERSION:
+            raise CryptoError(
+                f"key {self.name!r}: data keys wrapped for this RSA key carry version "
+                f"{ASYMMETRIC_VERSION}"
+            )
+        if len(wrapped) != RSA_WRAPPED_BYTES[spec]:
+            raise CryptoError(f"key {self.name!r}: wrapped data key has the wrong length")
+        resp = await self._call(
+            "Decrypt", KeyId=self.key_id, CiphertextBlob=wrapped, EncryptionAlgorithm=RSA_ALGORITHM
+        )
+        plaintext = bytes(resp["Plaintext"])
+        if len(plaintext) != 32:  # a client wrapped something else than a data key
+            raise CryptoError(f"key {self.name!r}: the wrapped value is not a 32-byte data key")
+        return plaintext
+
+    async def _public_key(self) -> rsa.RSAPublicKey:
+        """The key's public half from GetPublicKey, fetched once and then cached."""
+        if self._public is None:
+            async with self._learning:
+                if self._public is None:
+                    resp = await self._call("GetPublicKey", KeyId=self.key_id)
+                    self._public = self._load_public(resp)
+        return self._public
+
+    def _load_public(self, resp: Mapping[str, Any]) -> rsa.RSAPublicKey:
+        bad = KeyProviderError(
+            f"key {self.name!r}: KMS GetPublicKey did not return an {self._spec} "
+            f"encryption key that supports {RSA_ALGORITHM}"
+        )
+        if RSA_ALGORITHM not in (resp.get("EncryptionAlgorithms") or []):
+            raise bad
+        try:
+            public = serialization.load_der_public_key(bytes(resp["PublicKey"]))
+        except (KeyError, ValueError, TypeError, UnsupportedAlgorithm):
+            raise bad from None
+        size = RSA_WRAPPED_BYTES.get(self._spec or "")
+        if not isinstance(public, rsa.RSAPublicKey) or public.key_size != 8 * (size or 0):
+            raise bad
+        return public
+
+    async def public_jwks(self) -> list[dict[str, str]]:
+        """The public JWK of an RSA key (``[]`` for a symmetric key), for a JWKS document."""
+        if await self._key_spec() == SYMMETRIC:
+            return []
+        return [hybrid.to_jwk(await self._public_key(), self.kid)]
 
     # -- state ------------------------------------------------------------------------------
 
@@ -404,7 +524,7 @@ async def kms_key_status(
 ) -> dict[str, Any]:
     """For ``sidecrypt keys list``: a short-lived provider, DescribeKey and rotation status."""
     provider = KmsKeyProvider.create(name, options, base_dir=Path.cwd())
-    await provider.start()
+    await provider._open()  # list the key even if it cannot wrap data keys
     try:
         return await provider.describe_key()
     finally:
