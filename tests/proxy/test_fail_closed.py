@@ -58,6 +58,7 @@ def base_config(up: Upstream, **extra: Any) -> dict[str, Any]:
                 "key": "app",
                 "request": {"encrypt": fields},
             },
+            {"match": {"path": "/profiles/**"}, "key": "app", "request": {"encrypt": ["$.ssn"]}},
         ],
         **extra,
     }
@@ -426,3 +427,25 @@ async def test_error_bodies_never_echo_values_from_the_request(setup: Setup) -> 
         assert body["error"].get("request_id") == "r1"
     assert up.seen == []
     assert os.environ.get("SIDECRYPT_TEST_NEVER_SET") is None
+
+
+async def test_json_patch_cannot_slip_values_past_the_selectors(setup: Setup) -> None:
+    """RFC 6902 puts values under "value", where no field selector looks: refuse, never forward."""
+    proxy, up, client, _ = setup
+    patch = [{"op": "replace", "path": "/ssn", "value": CANARY}]
+    async with client.patch(
+        f"{proxy.url}/profiles/1",
+        data=json.dumps(patch),
+        headers={"Content-Type": "application/json-patch+json"},
+    ) as resp:
+        await expect_error(resp, 415, "unsupported_media_type")
+    assert up.seen == []
+    # A JSON merge patch (RFC 7396) has the document's shape: its fields are encrypted.
+    async with client.patch(
+        f"{proxy.url}/profiles/1",
+        data=json.dumps({"ssn": CANARY}),
+        headers={"Content-Type": "application/merge-patch+json"},
+    ) as resp:
+        assert resp.status == 200
+    assert is_envelope(json.loads(up.seen[0].body)["ssn"])
+    assert CANARY.encode() not in up.all_bytes()

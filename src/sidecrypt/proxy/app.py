@@ -44,6 +44,8 @@ from .routes import CompiledRoute, Router
 log = logging.getLogger(__name__)
 
 JSON_TYPES = ("application/json",)
+# JSON whose values sit where no field selector looks (RFC 6902 puts them under "value").
+OPAQUE_JSON = frozenset({"application/json-patch+json"})
 SMALL_BODY = 256 * 1024  # bodies up to this size with a known length are sent in one write
 
 
@@ -166,7 +168,7 @@ class Proxy:
                 status=413,
                 code="body_too_large",
             )
-        if not is_json(request.content_type):
+        if not is_json(request.content_type) or request.content_type in OPAQUE_JSON:
             raise RequestError(
                 "this route encrypts JSON fields: send Content-Type: application/json",
                 status=415,
