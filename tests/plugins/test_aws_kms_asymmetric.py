@@ -384,3 +384,54 @@ async def test_symmetric_keys_unchanged_on_the_extended_server(
     with pytest.raises(CryptoError):
         await provider.decrypt_data_key(dk.wrapped, 0, {**CTX, "tenant": "evil"})
     assert rsa_kms.rsa_decrypts == []
+
+
+# -- through a running sidecrypt: JWKS on the admin listener, request decrypt rule --------------
+
+
+async def test_proxy_publishes_kms_jwk_and_opens_client_tokens(
+    rsa_kms: RsaDecryptKms, upstream: Any, proxy_factory: Any, certs: Any
+) -> None:
+    import aiohttp
+
+    fresh(rsa_kms, **RSA_KEY)
+    proxy = await proxy_factory(
+        {
+            "upstream": {"url": upstream.url},
+            "keys": {
+                "cards": {
+                    "provider": "kms",
+                    "key_id": ALIAS,
+                    "region": "us-east-1",
+                    "endpoint_url": rsa_kms.url,
+                }
+            },
+            "routes": [
+                {
+                    "match": {"methods": ["POST"], "path": "/payments"},
+                    "key": "cards",
+                    "context": {"tenant": "header:X-Tenant"},
+                    "request": {"decrypt": [LABEL]},
+                }
+            ],
+        }
+    )
+    connector = aiohttp.TCPConnector(ssl=certs.client_context())
+    async with aiohttp.ClientSession(connector=connector) as client:
+        async with client.get(f"{proxy.admin_url}/.well-known/sidecrypt/keys") as resp:
+            assert resp.status == 200
+            (jwk,) = (await resp.json())["keys"]
+        assert (jwk["kid"], jwk["sidecrypt_provider"]) == ("cards:1", "kms")
+        token = client_token(jwk, "4111", {"tenant": "acme"})
+        async with client.post(
+            f"{proxy.url}/payments", json={"card": {"number": token}}, headers={"X-Tenant": "acme"}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+        assert json.loads(upstream.seen[-1].body) == {"card": {"number": "4111"}}
+        before = len(upstream.seen)
+        async with client.post(
+            f"{proxy.url}/payments", json={"card": {"number": token}}, headers={"X-Tenant": "evil"}
+        ) as resp:
+            assert resp.status == 400
+        assert len(upstream.seen) == before
+    assert [d["EncryptionAlgorithm"] for d in rsa_kms.rsa_decrypts] == ["RSAES_OAEP_SHA_256"]

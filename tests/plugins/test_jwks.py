@@ -137,12 +137,12 @@ class _Stub:
         return self._jwks
 
 
-def test_publishable_rules() -> None:
-    assert jwks.publishable("x", object()) == ([], [])
+async def test_publishable_rules() -> None:
+    assert await jwks.publishable("x", object()) == ([], [])
     good = {"kty": "RSA", "kid": "inner:3", "alg": hybrid.ALG_RSA, "n": "AQAB", "e": "AQAB"}
-    out, skipped = jwks.publishable("outer", _Stub(good, {"kty": "RSA", "kid": "nonsense"}))
+    out, skipped = await jwks.publishable("outer", _Stub(good, {"kty": "RSA", "kid": "nonsense"}))
     assert [j["kid"] for j in out] == ["outer:3"] and out[0][jwks.PROVIDER_MEMBER] == "stub"
     assert len(skipped) == 1 and "kid" in skipped[0]
     ec = {"kty": "EC", "kid": "inner:1", "alg": hybrid.ALG_ECDH}
-    assert jwks.publishable("outer", _Stub(ec))[0] == []
-    assert [j["kid"] for j in jwks.publishable("inner", _Stub(ec))[0]] == ["inner:1"]
+    assert (await jwks.publishable("outer", _Stub(ec)))[0] == []
+    assert [j["kid"] for j in (await jwks.publishable("inner", _Stub(ec)))[0]] == ["inner:1"]

@@ -12,7 +12,8 @@ names the provider type the envelope carries. A P-256 wrap also binds the kid (i
 the provider checks it against its keyring kid, so a P-256 key whose config name differs from
 its keyring name is left out (with a warning): clients could not produce a wrap it opens.
 
-KMS asymmetric keys are not published: KMS-side RSAES_OAEP unwrapping is not implemented.
+KMS RSA keys (``ENCRYPT_DECRYPT``) are published from GetPublicKey with kid ``<name>:1``; the
+provider unwraps client-made data keys through KMS ``Decrypt`` (RSAES_OAEP_SHA_256).
 Only enabled versions of keys whose provider is ready are listed; the answer may be cached for
 ``MAX_AGE`` seconds, well inside the time an old version stays enabled after a rotation.
 """
@@ -20,6 +21,7 @@ Only enabled versions of keys whose provider is ready are listed; the answer may
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -40,14 +42,20 @@ PROVIDER_MEMBER = "sidecrypt_provider"
 _KID_BOUND = frozenset({ALG_ECDH})  # wraps whose AAD binds the kid
 
 
-def publishable(name: str, provider: Any) -> tuple[list[dict[str, Any]], list[str]]:
+async def publishable(name: str, provider: Any) -> tuple[list[dict[str, Any]], list[str]]:
     """(JWKs under config name ``name``, reasons for versions left out) of one provider."""
     public_jwks = getattr(provider, "public_jwks", None)
     if not callable(public_jwks):
         return [], []
+    try:
+        listed = public_jwks()  # sync (local keyring) or async (KMS GetPublicKey)
+        if inspect.isawaitable(listed):
+            listed = await listed
+    except SidecryptError as exc:
+        return [], [f"key {name!r}: public key unavailable: {exc.message}"]
     out: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for jwk in public_jwks():
+    for jwk in listed:
         kid = jwk.get("kid")
         own, _, version = kid.rpartition(":") if isinstance(kid, str) else ("", "", "")
         if not own or not version.isdigit():
@@ -94,7 +102,7 @@ class Jwks:
                 continue
             if not await self._ready(name, provider):
                 continue
-            jwks, skipped = publishable(name, provider)
+            jwks, skipped = await publishable(name, provider)
             for reason in skipped:
                 self._warn(reason)
             keys.extend(jwks)
@@ -109,7 +117,7 @@ class Jwks:
     async def startup(self, app: web.Application) -> AsyncIterator[None]:
         """After the providers start: say once which asymmetric keys cannot be published."""
         for name, provider in app[appkeys.KEYS].providers.items():
-            for reason in publishable(name, provider)[1]:
+            for reason in (await publishable(name, provider))[1]:
                 self._warn(reason)
         yield
 
