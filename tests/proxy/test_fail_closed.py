@@ -449,3 +449,39 @@ async def test_json_patch_cannot_slip_values_past_the_selectors(setup: Setup) ->
         assert resp.status == 200
     assert is_envelope(json.loads(up.seen[0].body)["ssn"])
     assert CANARY.encode() not in up.all_bytes()
+
+
+async def test_method_override_and_path_case_cannot_skip_the_rules(
+    tmp_path: Path, upstream: Any, proxy_factory: Any, certs: Any
+) -> None:
+    """Upstreams may honour X-HTTP-Method-Override or route /USERS as /users: neither may
+    carry plaintext past a route that encrypts."""
+    create_key(tmp_path / "ring.json", "app")
+    proxy = await proxy_factory(
+        {
+            "upstream": {"url": upstream.url},
+            "keys": {"app": {"provider": "local", "keyring": str(tmp_path / "ring.json")}},
+            "routes": [
+                {
+                    "match": {"methods": ["PUT"], "path": "/users/{id}"},
+                    "key": "app",
+                    "request": {"encrypt": ["$.ssn"]},
+                }
+            ],
+        }
+    )
+    ctx = certs.client_context()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            proxy.url + "/users/1",
+            json={"ssn": "canary-override"},
+            ssl=ctx,
+            headers={"x-http-method-override": "PUT"},
+        ) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "method_override"
+        async with s.put(proxy.url + "/USERS/1", json={"ssn": "canary-case"}, ssl=ctx) as r:
+            assert r.status == 200
+    assert b"canary-override" not in upstream.all_bytes()
+    assert b"canary-case" not in upstream.all_bytes()
+    assert len(upstream.seen) == 1 and b"sc1." in upstream.seen[0].body

@@ -34,7 +34,7 @@ def hit(r: Router, method: str, path: str) -> tuple[int, dict[str, str]] | None:
         ("/users", "/users", True),
         ("/users", "/users/", True),  # many upstreams route /users/ as /users
         ("/users", "/users2", False),
-        ("/users", "/Users", False),
+        ("/users", "/Users", True),
         ("/users/**", "/users", True),
         ("/users/**", "/users/", True),
         ("/users/**", "/users/1", True),

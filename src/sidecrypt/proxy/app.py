@@ -43,6 +43,7 @@ from .routes import CompiledRoute, Router
 
 log = logging.getLogger(__name__)
 
+METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 JSON_TYPES = ("application/json",)
 # JSON whose values sit where no field selector looks (RFC 6902 puts them under "value").
 OPAQUE_JSON = frozenset({"application/json-patch+json"})
@@ -106,6 +107,9 @@ class Proxy:
         try:
             forward.check_path(request)
             match = self.router.match(request.method, request.path)
+            headers = request.headers
+            if any(name in headers for name in METHOD_OVERRIDES):  # case-insensitive lookups
+                self._check_method_override(request, match)
             if match is None:
                 return await self._forward(request, None, None, None)
             route, params = match
@@ -127,6 +131,18 @@ class Proxy:
         except SidecryptError as exc:
             self._log_failure(request, route, step, exc)
             return error_response(exc, rid)
+
+    def _check_method_override(self, request: web.Request, match: Any) -> None:
+        """An upstream may honour X-HTTP-Method-Override; the route must not depend on it."""
+        for name in METHOD_OVERRIDES:
+            if name not in request.headers:
+                continue
+            other = self.router.match(request.headers[name], request.path)
+            if (other and other[0]) is not (match and match[0]):
+                raise RequestError(
+                    f"{name} would select different field rules than the request method",
+                    code="method_override",
+                )
 
     def _log_failure(
         self, request: web.Request, route: CompiledRoute | None, step: str, exc: SidecryptError
@@ -195,7 +211,9 @@ class Proxy:
                 raise RequestError(exc.message, status=400, code=exc.code) from None
             self._field_event("decrypt_fields", request, route, context, labels)
         if route.request_encrypt:
-            body, labels = await self.fields.encrypt_body(body, route, route.request_encrypt, context)
+            body, labels = await self.fields.encrypt_body(
+                body, route, route.request_encrypt, context
+            )
             self._field_event("encrypt_fields", request, route, context, labels)
         return body
 

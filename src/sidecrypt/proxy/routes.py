@@ -233,12 +233,15 @@ class Router:
         """The first route for ``method`` and ``path``.
 
         A path no route matches is tried once more in the form many upstreams route it as:
-        without matrix parameters (``/a;jsessionid=x/b``, Tomcat/Spring) and without a trailing
-        slash (Spring < 6, Django, Flask). Matching more only ever encrypts more.
+        without matrix parameters (``/a;jsessionid=x/b``, Tomcat/Spring), without a trailing
+        slash (Spring < 6, Django, Flask) and in lower case (ASP.NET, IIS). Matching more only
+        ever encrypts more.
         """
         hit = self._match(method, path)
-        if hit is None and (";" in path or (path.endswith("/") and len(path) > 1)):
+        if hit is None:
+            # Case too: ASP.NET, IIS and many others route /USERS/1 as /users/1.
             alt = "/".join(seg.partition(";")[0] for seg in path.split("/")).rstrip("/") or "/"
+            alt = alt.lower()
             if alt != path:
                 return self._match(method, alt)
         return hit
