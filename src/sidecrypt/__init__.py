@@ -1,4 +1,4 @@
-"""sidecrypt: an encryption sidecar for JSON APIs (TLS termination plus envelope field encryption)."""
+"""sidecrypt: an encryption sidecar for JSON APIs (TLS termination, envelope field encryption)."""
 
 import pluggy
 

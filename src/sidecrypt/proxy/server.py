@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -100,7 +101,7 @@ async def start(
             try:
                 tls.reload_server_context(server_ctx, listen_tls, source=settings.source)
             except Exception as exc:  # keep serving with the old certificate
-                log.error("certificate reload failed; keeping the old one", extra={"error": str(exc)})
+                log.error("certificate reload failed; keeping the old one", extra={"error": exc})
 
         _add_signal(loop, signal.SIGHUP, reload)
 
@@ -113,10 +114,8 @@ async def start(
 
 
 def _add_signal(loop: asyncio.AbstractEventLoop, sig: int, fn: Callable[[], None]) -> None:
-    try:
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals in this thread
         loop.add_signal_handler(sig, fn)
-    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-        pass
 
 
 async def serve(settings: Settings, *, reuse_port: bool = False, admin: bool = True) -> None:
