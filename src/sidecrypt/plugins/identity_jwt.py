@@ -3,7 +3,8 @@
 Only asymmetric algorithms are accepted (RS256, ES256, EdDSA and its RFC 9864 name Ed25519),
 and each algorithm only with its own key type: ``alg: none`` and the classic "HS256 signed with
 the public key as HMAC secret" attack are refused before any signature check. Issuer, audience
-and expiry are mandatory; ``nbf`` and ``iat`` are checked when present, all with a small leeway for clock skew.
+and expiry are mandatory; ``nbf`` and ``iat`` are checked when present, all with a small leeway
+for clock skew.
 """
 
 from __future__ import annotations
