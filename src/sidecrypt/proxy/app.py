@@ -191,13 +191,17 @@ class Proxy:
                 code="unsupported_media_type",
             )
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
+        gzipped = encoding == "gzip" and route.allow_gzip
+        if encoding not in ("", "identity") and not gzipped:
             raise RequestError(
                 f"Content-Encoding {encoding!r} is not accepted on a route that encrypts fields",
                 status=415,
                 code="unsupported_encoding",
             )
-        return await forward.read_limited(request.content, route.max_body_size, what="request body")
+        limit = route.max_body_size
+        body = await forward.read_limited(request.content, limit, what="request body")
+        # A decoded body goes upstream without Content-Encoding (transformed bodies drop it).
+        return forward.gunzip_limited(body, limit, what="request body") if gzipped else body
 
     async def _transform_request(
         self, request: web.Request, route: CompiledRoute, body: bytes, context: Any
@@ -343,7 +347,8 @@ class Proxy:
                 code="upstream_not_json",
             )
         encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
+        gzipped = encoding == "gzip" and route.allow_gzip
+        if encoding not in ("", "identity") and not gzipped:
             raise UpstreamError(
                 f"the upstream answered with Content-Encoding {encoding!r} on a route that "
                 "transforms fields",
@@ -353,8 +358,12 @@ class Proxy:
             body = await forward.read_limited(
                 upstream.content, route.max_body_size, what="upstream response"
             )
+            if gzipped:
+                body = forward.gunzip_limited(body, route.max_body_size, what="upstream response")
         except RequestError as exc:
-            raise forward.ResponseTooLarge(exc.message) from None
+            if exc.status == 413:
+                raise forward.ResponseTooLarge(exc.message) from None
+            raise _upstream_body_error(exc) from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _upstream_failure(exc) from exc
         if route.response_decrypt:
@@ -380,7 +389,7 @@ class Proxy:
             except RequestError as exc:
                 raise _upstream_body_error(exc) from None
             self._field_event("encrypt_fields", request, route, context, labels)
-        headers = forward.response_headers(upstream.headers, keep_length=False)
+        headers = forward.response_headers(upstream.headers, keep_length=False, decoded=True)
         return web.Response(
             status=upstream.status, reason=upstream.reason, headers=headers, body=body
         )
@@ -427,7 +436,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
     """The proxy app and, at ``app[appkeys.ADMIN]``, its admin app."""
     app = web.Application(
         client_max_size=settings.server.max_body_size,
-        handler_args={"max_field_size": settings.server.max_header_size},
+        # Bodies pass through as sent: a gzip upload stays gzip (decoded only on allow_gzip routes).
+        handler_args={"max_field_size": settings.server.max_header_size, "auto_decompress": False},
     )
     providers = build_providers(settings, pm)
     limits = settings.data_keys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -82,7 +83,7 @@ def request_headers(
             continue
         if lname.startswith("x-sidecrypt-"):  # sidecrypt's own namespace (identity headers)
             continue
-        if lname == "content-length" and not keep_length:
+        if not keep_length and lname in ("content-length", "content-encoding"):  # body replaced
             continue
         if lname.startswith("x-forwarded-") and lname != "x-forwarded-for":
             continue
@@ -102,7 +103,10 @@ def request_headers(
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> CIMultiDict[str]:
+def response_headers(
+    headers: CIMultiDictProxy[str], *, keep_length: bool, decoded: bool = False
+) -> CIMultiDict[str]:
+    """Headers for the client; ``decoded``: the body is sent without its Content-Encoding."""
     extra = _connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
@@ -110,6 +114,8 @@ def response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> CI
         if lname in HOP_BY_HOP or lname in extra:
             continue
         if lname == "content-length" and not keep_length:
+            continue
+        if decoded and lname == "content-encoding":
             continue
         out.add(name, value)
     return out
@@ -177,6 +183,26 @@ async def iter_body(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         if not chunk:
             return
         yield chunk
+
+
+def gunzip_limited(data: bytes, limit: int, *, what: str) -> bytes:
+    """Decode one gzip member, refusing (413) output past ``limit``: no decompression bombs."""
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = decoder.decompress(data, limit + 1)
+    except zlib.error:
+        raise RequestError(f"{what} is not valid gzip", code="bad_gzip") from None
+    if len(out) > limit:
+        raise RequestError(
+            f"{what} decompresses to more than the {limit}-byte limit for this route",
+            status=413,
+            code="body_too_large",
+        )
+    if not decoder.eof or decoder.unused_data:
+        raise RequestError(
+            f"{what} is truncated or holds more than one gzip member", code="bad_gzip"
+        )
+    return out
 
 
 class ResponseTooLarge(SidecryptError):
