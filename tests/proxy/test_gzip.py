@@ -9,9 +9,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from tests.conftest import Certs
 
 from sidecrypt.keyring import create_key
-from tests.conftest import Certs
 
 
 def _config(tmp_path: Path, upstream: str) -> dict[str, Any]:
