@@ -253,3 +253,19 @@ async def test_identity_headers_never_reach_the_upstream(
     names = {k.lower() for k, _ in upstream.seen[0].headers}
     assert "x-other" in names
     assert not names & {"x-caller", "x-caller-roles", "x-sidecrypt-principal"}
+
+
+async def test_oversized_header_is_refused(certs: Certs, upstream: Any, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(
+        {"upstream": {"url": upstream.url}, "server": {"max_header_size": 2048}}
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            proxy.url + "/ok", headers={"X-Big": "a" * 1500}, ssl=certs.client_context()
+        ) as r:
+            assert r.status == 200
+        async with s.get(
+            proxy.url + "/big", headers={"X-Big": "a" * 3000}, ssl=certs.client_context()
+        ) as r:
+            assert r.status in (400, 431)
+    assert [x.path_qs for x in upstream.seen] == ["/ok"]
