@@ -92,6 +92,8 @@ def cmd_certs_dev(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    # The demo's output is the story; logs only when something goes wrong (or when asked).
+    logs.setup(args.log_level or "error", args.log_format or "text")
     return run_demo(keep_running=args.keep_running)
 
 
