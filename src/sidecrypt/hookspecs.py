@@ -64,7 +64,18 @@ def sidecrypt_authorize(
 
     ``action`` is ``decrypt`` for now; ``route`` the route label; ``field`` the field's label
     (``$.a[*].b``) or selector; ``key`` the route's key name; ``purpose`` the declared purpose
-    (``X-Purpose``) or None. Call it through ``sidecrypt.plugins.policy.make_decider``.
+    (``X-Purpose``) or None. The proxy calls it through ``sidecrypt.decisions.Decider``.
+    """
+
+
+@hookspec(firstresult=True)
+def sidecrypt_mask(route: str, key: str | None, field: str, value: Any) -> str | None:
+    """The masked form of one decrypted value whose outcome is ``mask``, or None.
+
+    ``value`` is the decrypted JSON value (plaintext: never log it). The first non-None answer
+    wins; when nobody answers, strings of 8+ characters keep their last 4 behind ``****`` and
+    anything else becomes ``****``. The built-in policy answers (trylast) with its ``mask``
+    settings.
     """
 
 

@@ -30,8 +30,9 @@ overrides either default. Key administration is separate: only ``policy.admins``
 endpoints; nobody may when the list is empty.
 
 Per-app state: the module-level ``sidecrypt_app`` hook registers a :class:`PolicyEngine` on the
-app's plugin manager; its ``sidecrypt_authorize`` (trylast) answers for the built-in policy.
-The proxy asks through :func:`make_decider`, once per request.
+app's plugin manager; its ``sidecrypt_authorize`` and ``sidecrypt_mask`` (trylast) answer for the
+built-in policy. The proxy asks through the hooks only (``sidecrypt.decisions.Decider``, once per
+request); ``Decider``, ``make_decider`` and ``purpose_of`` stay importable from here.
 """
 
 from __future__ import annotations
@@ -43,14 +44,12 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from .. import appkeys, hookimpl
-from ..errors import PluginError, RequestError
-from ..events import AuditEvent
-from ..events import Outcome as AuditOutcome
+from ..decisions import AUDIT_OUTCOME, OUTCOMES, Decider, principal_label, purpose_of
 from ..identity import Principal
 from ..selectors import DESCEND, INDEX, MEMBER, WILD, compile_selector
 from . import identity
 from .policy_checks import describe_default, startup_warnings, validate
-from .policy_model import PURPOSE, MaskConfig, PolicyConfig, split_ref
+from .policy_model import MaskConfig, PolicyConfig, split_ref
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -60,14 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "sidecrypt.policy.per-app"
-OUTCOMES = frozenset({"reveal", "mask", "ciphertext", "drop", "deny"})
-AUDIT_OUTCOME: dict[str, AuditOutcome] = {
-    "reveal": "revealed",
-    "mask": "masked",
-    "ciphertext": "ciphertext",
-    "drop": "dropped",
-    "deny": "denied",
-}
 _CACHE_LIMIT = 4096
 Steps = tuple[tuple[str, Any], ...]
 Refs = tuple[tuple[str | None, str], ...]
@@ -212,6 +203,10 @@ class PolicyEngine:
             return None
         return self.decide(principal, route, key, field, purpose)
 
+    @hookimpl(trylast=True)
+    def sidecrypt_mask(self, route: str, key: str | None, field: str, value: Any) -> str | None:
+        return mask_value(value, self.mask_for(route, key, field))
+
 
 def mask_value(value: Any, mask: MaskConfig) -> str:
     """Strings and numbers keep their last characters (at most half); anything else is hidden."""
@@ -222,85 +217,6 @@ def mask_value(value: Any, mask: MaskConfig) -> str:
     return mask.char * (len(text) - keep) + text[len(text) - keep :]
 
 
-def principal_label(principal: Principal | None) -> str | None:
-    """How a principal appears in audit records: ``source:id``."""
-    return None if principal is None else f"{principal.source}:{principal.id}"
-
-
-class Decider:
-    """One request's decisions: ``decider(label) -> outcome``, cached per label.
-
-    ``None`` from every plugin means the built-in engine is not installed: fail closed with
-    ``ciphertext``. An outcome outside the five known ones is a plugin bug (PluginError).
-    """
-
-    __slots__ = ("_hook", "_kwargs", "decisions", "engine", "key", "principal", "purpose", "route")
-
-    def __init__(
-        self,
-        pm: pluggy.PluginManager,
-        principal: Principal | None,
-        route: str,
-        key: str | None,
-        purpose: str | None,
-    ) -> None:
-        self._hook = pm.hook.sidecrypt_authorize
-        self.engine: PolicyEngine | None = pm.get_plugin(PLUGIN_NAME)
-        self.principal, self.route, self.key, self.purpose = principal, route, key, purpose
-        self.decisions: dict[str, str] = {}
-
-    def __call__(self, field: str) -> str:
-        outcome = self.decisions.get(field)
-        if outcome is None:
-            outcome = self._hook(
-                principal=self.principal,
-                action="decrypt",
-                route=self.route,
-                field=field,
-                key=self.key,
-                purpose=self.purpose,
-            )
-            if outcome is None:
-                outcome = "ciphertext"
-            elif outcome not in OUTCOMES:
-                raise PluginError(f"sidecrypt_authorize returned an unknown outcome for {field}")
-            self.decisions[field] = outcome
-        return outcome
-
-    def mask(self, field: str, value: Any) -> str:
-        """The masked form of a decrypted value whose outcome is ``mask``."""
-        cfg = (
-            self.engine.mask_for(self.route, self.key, field)
-            if self.engine is not None
-            else MaskConfig()
-        )
-        return mask_value(value, cfg)
-
-    @property
-    def denied(self) -> bool:
-        return "deny" in self.decisions.values()
-
-    def audit_events(self, **common: Any) -> list[AuditEvent]:
-        """One ``reveal`` event per outcome, naming the fields; ``common`` adds request_id etc."""
-        by_outcome: dict[str, list[str]] = {}
-        for field, outcome in self.decisions.items():
-            by_outcome.setdefault(outcome, []).append(field)
-        return [
-            AuditEvent(
-                "reveal",
-                outcome=AUDIT_OUTCOME[outcome],
-                key=self.key,
-                route=self.route,
-                principal=principal_label(self.principal),
-                purpose=self.purpose,
-                fields=tuple(fields),
-                count=len(fields),
-                **common,
-            )
-            for outcome, fields in by_outcome.items()
-        ]
-
-
 def make_decider(
     pm: pluggy.PluginManager,
     principal: Principal | None,
@@ -308,20 +224,8 @@ def make_decider(
     key_name: str | None,
     purpose: str | None,
 ) -> Decider:
+    """The same as ``Decider(...)``; kept for callers of the old name."""
     return Decider(pm, principal, route_label, key_name, purpose)
-
-
-def purpose_of(request: web.Request, settings: Settings) -> str | None:
-    """The declared purpose (``X-Purpose``), or None; a malformed one is a 400, never logged."""
-    header = settings.policy.purpose_header
-    value = request.headers.get(header, "").strip()
-    if not value:
-        return None
-    if not PURPOSE.match(value):
-        raise RequestError(
-            f"the {header} header must be 1-64 of A-Z a-z 0-9 . _ : / -", code="bad_purpose"
-        )
-    return value
 
 
 def may_administer(principal: Principal | None, settings: Settings) -> bool:
@@ -332,6 +236,7 @@ def may_administer(principal: Principal | None, settings: Settings) -> bool:
 
 __all__ = [
     "AUDIT_OUTCOME",
+    "OUTCOMES",
     "Decider",
     "PolicyEngine",
     "describe_default",
@@ -339,6 +244,7 @@ __all__ = [
     "make_decider",
     "mask_value",
     "may_administer",
+    "principal_label",
     "purpose_of",
     "startup_warnings",
     "validate",

@@ -10,12 +10,12 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from ..decisions import PURPOSE
 from ..selectors import INDEX, SelectorError, compile_selector
 from .identity import SOURCES
 
 Outcome = Literal["reveal", "mask", "ciphertext", "drop", "deny"]
 Otherwise = Literal["mask", "ciphertext", "drop", "deny"]
-PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}$")
 
 
 def split_ref(value: str) -> tuple[str | None, str]:

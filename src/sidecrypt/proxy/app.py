@@ -23,6 +23,7 @@ from yarl import URL
 
 from .. import appkeys
 from ..config import Settings
+from ..decisions import Decider, purpose_of
 from ..errors import (
     AccessDenied,
     AuditError,
@@ -36,7 +37,6 @@ from ..errors import (
 from ..events import AuditEvent
 from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers
-from ..plugins.policy import Decider, make_decider, purpose_of
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .routes import CompiledRoute, Router
@@ -405,7 +405,7 @@ class Proxy:
 
     def _decider(self, request: web.Request, route: CompiledRoute) -> Decider:
         """Per-request policy decisions (cached per label); the purpose header is checked here."""
-        return make_decider(
+        return Decider(
             self.pm,
             request.get(appkeys.PRINCIPAL),
             route.label,

@@ -21,6 +21,7 @@ import orjson
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .. import keys
+from ..decisions import default_mask
 from ..envelope import (
     Envelope,
     build_header,
@@ -36,7 +37,7 @@ from ..selectors import label as path_label
 from .routes import CompiledField, CompiledRoute, adhoc_route
 
 Decide = Callable[[str], str]
-MASK = "****"
+mask = default_mask  # strings of 8+ characters keep their last 4; anything else is "****"
 _label = lru_cache(maxsize=4096)(path_label)
 
 # (container, key, label)
@@ -113,15 +114,8 @@ def assert_no_plaintext(body_obj: Any, specs: Sequence[CompiledField]) -> None:
                 )
 
 
-def mask(value: Any) -> str:
-    """Strings of 8 or more characters keep their last 4; anything else is fully masked."""
-    if isinstance(value, str) and len(value) >= 8:
-        return MASK + value[-4:]
-    return MASK
-
-
 def _default_mask(label: str, value: Any) -> str:
-    return mask(value)
+    return default_mask(value)
 
 
 class FieldCrypto:

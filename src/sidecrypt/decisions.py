@@ -1,0 +1,133 @@
+"""One request's reveal decisions, asked of plugins through hooks only.
+
+The proxy builds a :class:`Decider` per response that decrypts fields. It asks
+``sidecrypt_authorize`` once per field label and ``sidecrypt_mask`` for masked values; it knows
+no policy engine, so a third-party policy plugin can replace the built-in one entirely.
+Fail closed: when no plugin answers, a field stays ``ciphertext``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from .errors import PluginError, RequestError
+from .events import AuditEvent
+from .events import Outcome as AuditOutcome
+from .identity import Principal
+
+if TYPE_CHECKING:
+    import pluggy
+    from aiohttp import web
+
+    from .config import Settings
+
+OUTCOMES = frozenset({"reveal", "mask", "ciphertext", "drop", "deny"})
+AUDIT_OUTCOME: dict[str, AuditOutcome] = {
+    "reveal": "revealed",
+    "mask": "masked",
+    "ciphertext": "ciphertext",
+    "drop": "dropped",
+    "deny": "denied",
+}
+PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}$")
+MASK = "****"
+
+
+def default_mask(value: Any) -> str:
+    """Strings of 8 or more characters keep their last 4; anything else is fully masked."""
+    if isinstance(value, str) and len(value) >= 8:
+        return MASK + value[-4:]
+    return MASK
+
+
+def principal_label(principal: Principal | None) -> str | None:
+    """How a principal appears in audit records: ``source:id``."""
+    return None if principal is None else f"{principal.source}:{principal.id}"
+
+
+def purpose_of(request: web.Request, settings: Settings) -> str | None:
+    """The declared purpose (``X-Purpose``), or None; a malformed one is a 400, never logged."""
+    header = settings.policy.purpose_header
+    value = request.headers.get(header, "").strip()
+    if not value:
+        return None
+    if not PURPOSE.match(value):
+        raise RequestError(
+            f"the {header} header must be 1-64 of A-Z a-z 0-9 . _ : / -", code="bad_purpose"
+        )
+    return value
+
+
+class Decider:
+    """One request's decisions: ``decider(label) -> outcome``, cached per label.
+
+    ``None`` from every plugin means no policy is installed: fail closed with ``ciphertext``.
+    An outcome outside the five known ones is a plugin bug (PluginError).
+    """
+
+    __slots__ = ("_authorize", "_mask", "decisions", "key", "principal", "purpose", "route")
+
+    def __init__(
+        self,
+        pm: pluggy.PluginManager,
+        principal: Principal | None,
+        route: str,
+        key: str | None,
+        purpose: str | None,
+    ) -> None:
+        self._authorize = pm.hook.sidecrypt_authorize
+        self._mask = pm.hook.sidecrypt_mask
+        self.principal, self.route, self.key, self.purpose = principal, route, key, purpose
+        self.decisions: dict[str, str] = {}
+
+    def __call__(self, field: str) -> str:
+        outcome = self.decisions.get(field)
+        if outcome is None:
+            outcome = self._authorize(
+                principal=self.principal,
+                action="decrypt",
+                route=self.route,
+                field=field,
+                key=self.key,
+                purpose=self.purpose,
+            )
+            if outcome is None:
+                outcome = "ciphertext"
+            elif outcome not in OUTCOMES:
+                raise PluginError(f"sidecrypt_authorize returned an unknown outcome for {field}")
+            self.decisions[field] = outcome
+        return outcome
+
+    def mask(self, field: str, value: Any) -> str:
+        """The masked form of a decrypted value whose outcome is ``mask``."""
+        masked = self._mask(route=self.route, key=self.key, field=field, value=value)
+        if masked is None:
+            return default_mask(value)
+        if not isinstance(masked, str):
+            raise PluginError(f"sidecrypt_mask returned a non-string for {field}")
+        return masked
+
+    @property
+    def denied(self) -> bool:
+        return "deny" in self.decisions.values()
+
+    def audit_events(self, **common: Any) -> list[AuditEvent]:
+        """One ``reveal`` event per outcome, naming the fields; ``common`` adds request_id etc."""
+        by_outcome: dict[str, list[str]] = {}
+        for field, outcome in self.decisions.items():
+            by_outcome.setdefault(outcome, []).append(field)
+        return [
+            AuditEvent(
+                "reveal",
+                outcome=AUDIT_OUTCOME[outcome],
+                key=self.key,
+                route=self.route,
+                principal=principal_label(self.principal),
+                purpose=self.purpose,
+                fields=tuple(fields),
+                count=len(fields),
+                **common,
+            )
+            for outcome, fields in by_outcome.items()
+        ]
