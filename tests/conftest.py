@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from kms_server import DUMMY_ENV, KmsServer
 from sidecrypt import config
 from sidecrypt.proxy import server
 
@@ -149,3 +151,24 @@ async def proxy_factory(
     yield make
     for stop in reversed(stops):
         await stop()
+
+
+# -- AWS KMS: a real moto_server and dummy credentials (tests/kms_server.py) --------------------
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[KmsServer]:
+    """One moto_server per test module: tests stop, pause and restart it, so modules don't share."""
+    with KmsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy credentials from the environment; no host AWS_* settings, shared files or metadata."""
+    for var in [v for v in os.environ if v.startswith("AWS_")]:
+        monkeypatch.delenv(var)
+    for var, value in DUMMY_ENV.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))

@@ -4,7 +4,8 @@ The server keeps its port across :meth:`KmsServer.restart`, so a client created 
 outage reconnects to the same ``url`` afterwards. moto keeps state in memory only: a restart
 (or :meth:`reset`) forgets every key, so tests re-create what they need.
 
-Use it directly (``with KmsServer() as kms: ...``) or from a session fixture.
+Use it directly (``with KmsServer() as kms: ...``) or through the ``moto`` fixture (one server per
+test module) with ``aws_env`` (dummy credentials), both in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -137,6 +138,13 @@ class KmsServer:
             aws_access_key_id=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
         )
+
+    def fresh_key(self, alias: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Start again if a test stopped the server, forget every key, create one (KeyMetadata)."""
+        if not self.running:
+            self.start()
+        self.reset()
+        return self.create_key(alias, **kwargs)
 
     def create_key(self, alias: str | None = None, **kwargs: Any) -> dict[str, Any]:
         """Create a KMS key (symmetric by default) and optionally an alias; returns KeyMetadata."""

@@ -7,33 +7,24 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from kms_server import DUMMY_ENV, KmsServer
+from kms_server import KmsServer
 from sidecrypt.keyring import create_key, rotate_key
 
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[KmsServer]:
-    with KmsServer() as server:
-        yield server
+pytestmark = pytest.mark.usefixtures("aws_env")  # moto and aws_env: tests/conftest.py
 
 
-def run(*args: str, home: Path) -> subprocess.CompletedProcess[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(DUMMY_ENV)
-    env["AWS_CONFIG_FILE"] = str(home / "no-config")
-    env["AWS_SHARED_CREDENTIALS_FILE"] = str(home / "no-credentials")
+def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """The CLI as a subprocess; it inherits aws_env's dummy credentials and nothing else AWS."""
     return subprocess.run(
-        [sys.executable, "-m", "sidecrypt.cli", *args], capture_output=True, timeout=60, env=env
+        [sys.executable, "-m", "sidecrypt.cli", *args], capture_output=True, timeout=60
     )
 
 
@@ -62,11 +53,10 @@ def key_bytes(ring: Path) -> list[bytes]:
 
 
 def test_lists_local_and_kms_keys_without_key_bytes(tmp_path: Path, moto: KmsServer) -> None:
-    moto.reset()
-    meta = moto.create_key(alias="alias/billing")
+    meta = moto.fresh_key("alias/billing")
     moto.boto3_client("kms").enable_key_rotation(KeyId=meta["KeyId"])
     path = write_config(tmp_path, moto, billing="alias/billing")
-    out = run("keys", "list", "--config", str(path), home=tmp_path)
+    out = run("keys", "list", "--config", str(path))
     assert out.returncode == 0, out.stderr
     listed = {k["name"]: k for k in json.loads(out.stdout)}
     assert list(listed) == ["app", "billing"]  # config order; the keyring's "other" is not listed
@@ -86,16 +76,15 @@ def test_lists_local_and_kms_keys_without_key_bytes(tmp_path: Path, moto: KmsSer
 
 
 def test_a_key_that_cannot_be_listed_is_an_error_entry(tmp_path: Path, moto: KmsServer) -> None:
-    moto.reset()
-    moto.create_key(alias="alias/billing")
+    moto.fresh_key("alias/billing")
     path = write_config(tmp_path, moto, billing="alias/billing", ghost="alias/ghost")
-    out = run("keys", "list", "-c", str(path), home=tmp_path)
+    out = run("keys", "list", "-c", str(path))
     assert out.returncode == 1
     listed = {k["name"]: k for k in json.loads(out.stdout)}
     assert listed["billing"]["rotation_enabled"] is False and "error" not in listed["billing"]
     assert listed["ghost"]["provider"] == "kms" and "not found" in listed["ghost"]["error"]
 
 
-def test_keyring_and_config_are_exclusive(tmp_path: Path) -> None:
-    out = run("keys", "list", "--keyring", "a.json", "--config", "b.yaml", home=tmp_path)
+def test_keyring_and_config_are_exclusive() -> None:
+    out = run("keys", "list", "--keyring", "a.json", "--config", "b.yaml")
     assert out.returncode == 2 and b"not allowed with" in out.stderr

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,39 +28,13 @@ CTX = {"tenant": "acme", "route": "users"}
 ALIAS = "alias/app"
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[KmsServer]:
-    with KmsServer() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy credentials from the environment; no shared files, no instance metadata."""
-    for var in (
-        "AWS_PROFILE",
-        "AWS_DEFAULT_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_ROLE_ARN",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_ENDPOINT_URL",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in DUMMY_ENV.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+pytestmark = pytest.mark.usefixtures("aws_env")  # moto and aws_env: tests/conftest.py
 
 
 @pytest.fixture
 def key(moto: KmsServer) -> dict[str, Any]:
     """A fresh moto state with one symmetric key behind ``alias/app``."""
-    if not moto.running:
-        moto.start()
-    moto.reset()
-    return moto.create_key(alias=ALIAS, Description="sidecrypt test key")
+    return moto.fresh_key(ALIAS, Description="sidecrypt test key")
 
 
 Factory = Callable[..., Awaitable[KmsKeyProvider]]

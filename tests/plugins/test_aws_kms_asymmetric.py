@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms_server import DUMMY_ENV, KmsServer
+from kms_server import KmsServer
 from sidecrypt import envelope, hybrid
 from sidecrypt.errors import CryptoError, KeyProviderError
 from sidecrypt.keys import DataKeyService, canonical_context
@@ -121,11 +121,12 @@ class RsaDecryptKms(KmsServer):
             server.stop()
         self._patch.undo()
 
+    def reset(self) -> None:
+        super().reset()
+        self.rsa_decrypts.clear()
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[KmsServer]:
-    with KmsServer() as server:
-        yield server
+
+pytestmark = pytest.mark.usefixtures("aws_env")  # moto and aws_env: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -134,25 +135,9 @@ def rsa_kms() -> Iterator[RsaDecryptKms]:
         yield server
 
 
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy credentials from the environment; no shared files, no instance metadata."""
-    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in DUMMY_ENV.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-
-
-def fresh(server: KmsServer, alias: str = ALIAS, **spec: str) -> dict[str, Any]:
-    """Empty the server and create one key behind ``alias``."""
-    if not server.running:
-        server.start()
-    server.reset()
-    if isinstance(server, RsaDecryptKms):
-        server.rsa_decrypts.clear()
-    return server.create_key(alias=alias, **spec)
+def fresh(server: KmsServer, **spec: str) -> dict[str, Any]:
+    """Empty the server and create one key behind ``alias/cards``."""
+    return server.fresh_key(ALIAS, **spec)
 
 
 Factory = Callable[..., Awaitable[KmsKeyProvider]]

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kms_server import DUMMY_ENV, KmsServer
+from kms_server import KmsServer
 from sidecrypt import appkeys
 
 SSN = "078-05-1120"
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[KmsServer]:
-    with KmsServer() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in DUMMY_ENV.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+pytestmark = pytest.mark.usefixtures("aws_env")  # moto and aws_env: tests/conftest.py
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -54,10 +40,7 @@ def get(samples: Samples, name: str, **labels: str) -> float | None:
 async def test_kms_series_follow_the_provider_through_an_outage(
     moto: KmsServer, upstream: Any, proxy_factory: Callable[..., Awaitable[Any]], certs: Any
 ) -> None:
-    if not moto.running:
-        moto.start()
-    moto.reset()
-    moto.create_key(alias="alias/billing")
+    moto.fresh_key("alias/billing")
     proxy = await proxy_factory(
         {
             "upstream": {"url": upstream.url},
