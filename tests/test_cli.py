@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,46 +105,17 @@ def test_keys_list_never_prints_key_bytes(tmp_path: Path) -> None:
 
 def test_offline_encrypt_then_decrypt(example: Path) -> None:
     doc = {"ssn": "123-45-6789", "card": {"number": 4111}, "name": "x"}
-    enc = run(
-        "encrypt",
-        "--config",
-        str(example),
-        "--field",
-        "$.ssn",
-        "--field",
-        "$.card.number",
-        "--context",
-        "tenant=acme",
-        stdin=json.dumps(doc).encode(),
-    )
+    cfg = ("--config", str(example))
+    both = (*cfg, "--field", "$.ssn", "--field", "$.card.number")
+    enc = run("encrypt", *both, "--context", "tenant=acme", stdin=json.dumps(doc).encode())
     assert enc.returncode == 0, enc.stderr
     sealed = json.loads(enc.stdout)
     assert sealed["name"] == "x" and sealed["ssn"].startswith("sc1.")
     assert b"123-45-6789" not in enc.stdout
-    dec = run(
-        "decrypt",
-        "--config",
-        str(example),
-        "--field",
-        "$.ssn",
-        "--field",
-        "$.card.number",
-        "--context",
-        "tenant=acme",
-        stdin=enc.stdout,
-    )
+    dec = run("decrypt", *both, "--context", "tenant=acme", stdin=enc.stdout)
     assert dec.returncode == 0, dec.stderr
     assert json.loads(dec.stdout) == doc
-    wrong = run(
-        "decrypt",
-        "--config",
-        str(example),
-        "--field",
-        "$.ssn",
-        "--context",
-        "tenant=other",
-        stdin=enc.stdout,
-    )
+    wrong = run("decrypt", *cfg, "--field", "$.ssn", "--context", "tenant=other", stdin=enc.stdout)
     assert wrong.returncode == 1
     assert b"123-45-6789" not in wrong.stdout + wrong.stderr
 
@@ -159,18 +132,28 @@ def _wait_listening(proc: subprocess.Popen[bytes]) -> list[Any]:
     raise AssertionError("sidecrypt did not start")
 
 
-def test_run_serves_then_drains_on_sigterm(example: Path, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def sidecrypt_run(config: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``sidecrypt run`` in the background, its JSON logs on stderr, the upstream down; killed
+    (and reaped) at the end whatever the test did."""
     env = {
-        "SIDECRYPT_LISTEN_ADDRESS": "127.0.0.1:0",
         "SIDECRYPT_ADMIN_ADDRESS": "127.0.0.1:0",
         "SIDECRYPT_UPSTREAM_URL": "http://127.0.0.1:9",
+        **env,
     }
-    proc = subprocess.Popen(
-        [*SIDECRYPT, "run", "--config", str(example)],
+    with subprocess.Popen(
+        [*SIDECRYPT, "run", "--config", str(config)],
         stderr=subprocess.PIPE,
         env={**os.environ, **env},
-    )
-    try:
+    ) as proc:
+        try:
+            yield proc
+        finally:
+            proc.kill()
+
+
+def test_run_serves_then_drains_on_sigterm(example: Path) -> None:
+    with sidecrypt_run(example, SIDECRYPT_LISTEN_ADDRESS="127.0.0.1:0") as proc:
         addresses = _wait_listening(proc)
         admin = addresses[1]
         with urllib.request.urlopen(f"http://127.0.0.1:{admin[1]}/healthz", timeout=5) as r:
@@ -183,8 +166,6 @@ def test_run_serves_then_drains_on_sigterm(example: Path, tmp_path: Path) -> Non
             assert json.loads(err.read())["checks"]["upstream"]["ok"] is False
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-    finally:
-        proc.kill()
 
 
 def test_two_workers_share_the_port(example: Path) -> None:
@@ -194,18 +175,9 @@ def test_two_workers_share_the_port(example: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {
-        "SIDECRYPT_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-        "SIDECRYPT_ADMIN_ADDRESS": "127.0.0.1:0",
-        "SIDECRYPT_WORKERS": "2",
-        "SIDECRYPT_UPSTREAM_URL": "http://127.0.0.1:9",
-    }
-    proc = subprocess.Popen(
-        [*SIDECRYPT, "run", "--config", str(example)],
-        stderr=subprocess.PIPE,
-        env={**os.environ, **env},
-    )
-    try:
+    with sidecrypt_run(
+        example, SIDECRYPT_LISTEN_ADDRESS=f"127.0.0.1:{port}", SIDECRYPT_WORKERS="2"
+    ) as proc:
         assert proc.stderr is not None
         pids = set()
         deadline = time.monotonic() + 30
@@ -221,8 +193,6 @@ def test_two_workers_share_the_port(example: Path) -> None:
             assert err.value.code == 502
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
 
 
 def test_key_administration_is_audited(tmp_path: Path) -> None:
@@ -265,18 +235,8 @@ def test_rewrap_moves_tokens_to_the_newest_version_and_to_another_key(tmp_path: 
         "  archive: {provider: local, keyring: archive.json}\n"
     )
     doc = {"rows": [{"ssn": "canary-rewrap-1"}, {"ssn": 42}]}
-    fields = ("--field", "$.rows[*].ssn")
-    enc = run(
-        "encrypt",
-        "--config",
-        str(cfg),
-        "--key",
-        "app",
-        *fields,
-        "--context",
-        "t=a",
-        stdin=json.dumps(doc).encode(),
-    )
+    opts = ("--config", str(cfg), "--field", "$.rows[*].ssn")
+    enc = run("encrypt", *opts, "--key", "app", "--context", "t=a", stdin=json.dumps(doc).encode())
     assert enc.returncode == 0, enc.stderr
     assert run("keys", "rotate", "--keyring", str(tmp_path / "app.json"), "app").returncode == 0
 
@@ -285,25 +245,13 @@ def test_rewrap_moves_tokens_to_the_newest_version_and_to_another_key(tmp_path: 
         return [(e.key_name, e.key_version) for e in (envelope.parse(r["ssn"]) for r in rows)]
 
     assert versions(enc.stdout) == [("app", 1), ("app", 1)]
-    rotated = run("rewrap", "--config", str(cfg), *fields, "--to-key", "app", stdin=enc.stdout)
+    rotated = run("rewrap", *opts, "--to-key", "app", stdin=enc.stdout)
     assert rotated.returncode == 0, rotated.stderr
     assert versions(rotated.stdout) == [("app", 2), ("app", 2)]
     assert json.loads(rotated.stderr.splitlines()[-1]) == {"rewrapped": 2, "from": {"app:1": 2}}
-    moved = run(
-        "rewrap", "--config", str(cfg), *fields, "--to-key", "archive", stdin=rotated.stdout
-    )
+    moved = run("rewrap", *opts, "--to-key", "archive", stdin=rotated.stdout)
     assert versions(moved.stdout) == [("archive", 1), ("archive", 1)]
     assert b"canary-rewrap-1" not in rotated.stdout + moved.stdout + moved.stderr
-    dec = run(
-        "decrypt",
-        "--config",
-        str(cfg),
-        "--key",
-        "archive",
-        *fields,
-        "--context",
-        "t=a",
-        stdin=moved.stdout,
-    )
+    dec = run("decrypt", *opts, "--key", "archive", "--context", "t=a", stdin=moved.stdout)
     assert dec.returncode == 0, dec.stderr
     assert json.loads(dec.stdout) == doc

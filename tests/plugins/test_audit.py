@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,25 @@ async def until(cond: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition never became true")
+
+
+async def submit_in_batches(trail: AuditTrail, count: int) -> None:
+    """Events r0.. in small batches, so file rotations interleave with writes; then close."""
+    await trail.start()
+    for i in range(count):
+        trail.submit(event(i))
+        if i % 10 == 0:
+            await until(trail.queue.empty)
+    await trail.close()
+
+
+async def stall_writer(trail: AuditTrail, sink: CollectSink) -> None:
+    """Start the trail and submit r1; return once the writer holds it, stalled in write()."""
+    await trail.start()
+    sink.stall = asyncio.Event()
+    writes = sink.writes
+    trail.submit(event(1))
+    await until(lambda: sink.writes > writes)
 
 
 # -- the trail on its own ----------------------------------------------------------------------
@@ -179,13 +198,7 @@ async def test_unwritable_file_fails_at_start(tmp_path: Path) -> None:
 
 async def test_rotation_keeps_the_chain_verifiable(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    trail = AuditTrail([FileSink(path, max_bytes=4096)], KEY)
-    await trail.start()
-    for i in range(150):
-        trail.submit(event(i))
-        if i % 10 == 0:
-            await until(trail.queue.empty)  # small batches, so rotations interleave
-    await trail.close()
+    await submit_in_batches(AuditTrail([FileSink(path, max_bytes=4096)], KEY), 150)
     files = sorted(p for p in tmp_path.glob("audit.jsonl*") if p.suffix != ".lock")
     assert len(files) >= 3
     result = verify_files(reversed(files), KEY)
@@ -206,13 +219,7 @@ async def test_rotation_keeps_the_chain_verifiable(tmp_path: Path) -> None:
 
 async def test_rotation_keeps_only_keep_files(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    trail = AuditTrail([FileSink(path, max_bytes=4096, keep=2)], KEY)
-    await trail.start()
-    for i in range(150):
-        trail.submit(event(i))
-        if i % 10 == 0:
-            await until(trail.queue.empty)
-    await trail.close()
+    await submit_in_batches(AuditTrail([FileSink(path, max_bytes=4096, keep=2)], KEY), 150)
     assert sorted(p.name for p in tmp_path.glob("audit.jsonl*")) == [
         "audit.jsonl",
         "audit.jsonl.1",
@@ -251,11 +258,7 @@ async def test_block_refuses_while_the_sink_fails_and_recovers_in_order(tmp_path
 async def test_block_refuses_when_the_queue_is_full() -> None:
     sink = CollectSink()
     trail = AuditTrail([sink], KEY, block=True, queue_size=2)
-    await trail.start()
-    sink.stall = asyncio.Event()
-    writes = sink.writes
-    trail.submit(event(1))
-    await until(lambda: sink.writes > writes)  # the writer took event 1 and stalls in write()
+    await stall_writer(trail, sink)
     trail.submit(event(2))
     trail.submit(event(3))
     assert not trail.accepting()
@@ -269,11 +272,7 @@ async def test_block_refuses_when_the_queue_is_full() -> None:
 async def test_drop_counts_and_records_the_drop(tmp_path: Path) -> None:
     sink = CollectSink()
     trail = AuditTrail([sink], KEY, block=False, queue_size=2)
-    await trail.start()
-    sink.stall = asyncio.Event()
-    writes = sink.writes
-    trail.submit(event(1))
-    await until(lambda: sink.writes > writes)
+    await stall_writer(trail, sink)
     for i in range(2, 12):
         trail.submit(event(i))  # never raises
     assert trail.accepting()
@@ -399,22 +398,47 @@ def summary(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return [(e["action"], e.get("count", 0), e.get("outcome")) for e in events]
 
 
-async def test_every_key_use_gives_exactly_the_expected_events(
+Started = tuple[Any, CollectSink]
+
+
+@pytest.fixture
+def audited_proxy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Any, proxy_factory: Any
+) -> Callable[..., Awaitable[Started]]:
+    """Start the proxy (plain http) with the file trail and a collecting sink."""
+    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
+
+    async def start(**audit_opts: Any) -> Started:
+        sink = CollectSink()
+        raw = proxy_config(tmp_path, upstream.url, **audit_opts)
+        return await proxy_factory(raw, tls=False, plugins=(SinkPlugin(sink),)), sink
+
+    return start
+
+
+async def break_sink(proxy: Any, sink: CollectSink) -> AuditTrail:
+    """A key use elsewhere whose write fails: returns the trail once it reports unhealthy."""
+    trail: AuditTrail = proxy.running.runners[0].app[TRAIL]
+    sink.fail = True
+    trail.submit(event(0))
+    await until(lambda: not trail.healthy)
+    return trail
+
+
+def post_user(session: Any, proxy: Any, body: Any, tenant: str = "t") -> Any:
+    return session.post(f"{proxy.url}/users/1", json=body, headers={"X-Tenant": tenant})
+
+
+async def test_every_key_use_gives_exactly_the_expected_events(
+    tmp_path: Path, audited_proxy: Callable[..., Awaitable[Started]]
 ) -> None:
     import aiohttp
 
-    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
-    sink = CollectSink()
-    proxy = await proxy_factory(
-        proxy_config(tmp_path, upstream.url), tls=False, plugins=(SinkPlugin(sink),)
-    )
+    proxy, sink = await audited_proxy()
     body = {"ssn": "123-45-6789", "card": {"number": "4111"}, "name": "Ann"}
     async with aiohttp.ClientSession() as session:
         for _ in range(2):
-            async with session.post(
-                f"{proxy.url}/users/1", json=body, headers={"X-Tenant": "t1"}
-            ) as resp:
+            async with post_user(session, proxy, body, tenant="t1") as resp:
                 assert resp.status == 200, await resp.text()
                 assert await resp.json() == body
     first = [
@@ -447,25 +471,14 @@ async def test_every_key_use_gives_exactly_the_expected_events(
 
 
 async def test_block_with_failing_sink_refuses_with_503_and_forwards_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Any, proxy_factory: Any
+    upstream: Any, audited_proxy: Callable[..., Awaitable[Started]]
 ) -> None:
     import aiohttp
 
-    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
-    sink = CollectSink()
-    proxy = await proxy_factory(
-        proxy_config(tmp_path, upstream.url, on_failure="block"),
-        tls=False,
-        plugins=(SinkPlugin(sink),),
-    )
-    trail = proxy.running.runners[0].app[TRAIL]
-    sink.fail = True
-    trail.submit(event(0))  # a key use elsewhere; its write fails
-    await until(lambda: not trail.healthy)
+    proxy, sink = await audited_proxy(on_failure="block")
+    trail = await break_sink(proxy, sink)
     async with aiohttp.ClientSession() as session:
-        async with session.post(
-            f"{proxy.url}/users/1", json={"ssn": "1"}, headers={"X-Tenant": "t"}
-        ) as resp:
+        async with post_user(session, proxy, {"ssn": "1"}) as resp:
             assert resp.status == 503
             assert (await resp.json())["error"]["code"] == "audit_unavailable"
         async with session.get(f"{proxy.admin_url}/readyz") as resp:
@@ -474,36 +487,22 @@ async def test_block_with_failing_sink_refuses_with_503_and_forwards_nothing(
     assert upstream.seen == []
     sink.fail = False
     await until(lambda: trail.healthy)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"{proxy.url}/users/1", json={"ssn": "1"}, headers={"X-Tenant": "t"}) as resp,
-    ):
+    async with aiohttp.ClientSession() as session, post_user(session, proxy, {"ssn": "1"}) as resp:
         assert resp.status == 200
     assert len(upstream.seen) == 1
 
 
 async def test_drop_keeps_serving_and_counts_drops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream: Any, proxy_factory: Any
+    upstream: Any, audited_proxy: Callable[..., Awaitable[Started]]
 ) -> None:
     import aiohttp
     from prometheus_client.parser import text_string_to_metric_families
 
-    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
-    sink = CollectSink()
-    proxy = await proxy_factory(
-        proxy_config(tmp_path, upstream.url, on_failure="drop", queue_size=1),
-        tls=False,
-        plugins=(SinkPlugin(sink),),
-    )
-    trail = proxy.running.runners[0].app[TRAIL]
-    sink.fail = True
-    trail.submit(event(0))  # a key use elsewhere; its write fails
-    await until(lambda: not trail.healthy)
+    proxy, sink = await audited_proxy(on_failure="drop", queue_size=1)
+    trail = await break_sink(proxy, sink)
     async with aiohttp.ClientSession() as session:
         for _ in range(3):
-            async with session.post(
-                f"{proxy.url}/users/1", json={"ssn": "1"}, headers={"X-Tenant": "t"}
-            ) as resp:
+            async with post_user(session, proxy, {"ssn": "1"}) as resp:
                 assert resp.status == 200
         async with session.get(f"{proxy.admin_url}/readyz") as resp:
             assert resp.status == 200

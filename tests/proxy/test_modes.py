@@ -44,6 +44,36 @@ def store_handler(store: dict[str, bytes]) -> Any:
     return handler
 
 
+def client_side(
+    upstream: dict[str, Any], address: str = "127.0.0.1:0", **extra: Any
+) -> dict[str, Any]:
+    """A client-side config: sidecrypt on ``address`` (loopback unless TLS) beside the client."""
+    return {"mode": "client-side", "listen": {"address": address}, "upstream": upstream, **extra}
+
+
+def records_route(**rules: Any) -> list[dict[str, Any]]:
+    return [{"match": {"path": "/records/**"}, "key": "app", **rules}]
+
+
+async def tls_remote(upstream_factory: Any, ca: trustme.CA, handler: Any = None) -> Upstream:
+    """A remote server on https://localhost with a certificate from ``ca``."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(server_ctx)
+    if handler is None:
+        return await upstream_factory(ssl=server_ctx)
+    return await upstream_factory(handler, ssl=server_ctx)
+
+
+def https_localhost(remote: Upstream) -> str:
+    return "https://localhost:" + remote.url.rsplit(":", 1)[1]
+
+
+def config_error(raw: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.parse(raw, file="c.yaml")
+    return str(info.value)
+
+
 # -- client-side mode -------------------------------------------------------------------------
 
 
@@ -51,26 +81,14 @@ async def test_client_side_remote_sees_only_ciphertext(
     certs: Certs, tmp_path: Path, upstream_factory: Any, proxy_factory: Any
 ) -> None:
     store: dict[str, bytes] = {}
-    leaf = certs.ca.issue_cert("localhost", "127.0.0.1")
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    leaf.configure_cert(server_ctx)
-    remote = await upstream_factory(store_handler(store), ssl=server_ctx)
-    port = remote.url.rsplit(":", 1)[1]
-    raw = {
-        "mode": "client-side",
-        "listen": {"address": "127.0.0.1:0"},
-        "upstream": {"url": f"https://localhost:{port}", "ca": str(certs.ca_file)},
-        "keys": keys_block(tmp_path),
-        "routes": [
-            {
-                "match": {"path": "/records/**"},
-                "key": "app",
-                "context": {"app": "crm"},
-                "request": {"encrypt": FIELDS},
-                "response": {"decrypt": FIELDS},
-            }
-        ],
-    }
+    remote = await tls_remote(upstream_factory, certs.ca, store_handler(store))
+    raw = client_side(
+        {"url": https_localhost(remote), "ca": str(certs.ca_file)},
+        keys=keys_block(tmp_path),
+        routes=records_route(
+            context={"app": "crm"}, request={"encrypt": FIELDS}, response={"decrypt": FIELDS}
+        ),
+    )
     proxy = await proxy_factory(raw, tls=False)
     assert proxy.url.startswith("http://127.0.0.1:")
     async with aiohttp.ClientSession() as client:
@@ -93,21 +111,12 @@ async def test_client_side_remote_sees_only_ciphertext(
 async def test_client_side_refuses_an_upstream_it_cannot_verify(
     certs: Certs, tmp_path: Path, upstream_factory: Any, proxy_factory: Any
 ) -> None:
-    other = trustme.CA()
-    leaf = other.issue_cert("localhost")
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    leaf.configure_cert(server_ctx)
-    remote = await upstream_factory(ssl=server_ctx)
-    port = remote.url.rsplit(":", 1)[1]
-    raw = {
-        "mode": "client-side",
-        "listen": {"address": "127.0.0.1:0"},
-        "upstream": {"url": f"https://localhost:{port}", "ca": str(certs.ca_file)},
-        "keys": keys_block(tmp_path),
-        "routes": [
-            {"match": {"path": "/records/**"}, "key": "app", "request": {"encrypt": FIELDS}}
-        ],
-    }
+    remote = await tls_remote(upstream_factory, trustme.CA())  # a CA sidecrypt does not trust
+    raw = client_side(
+        {"url": https_localhost(remote), "ca": str(certs.ca_file)},
+        keys=keys_block(tmp_path),
+        routes=records_route(request={"encrypt": FIELDS}),
+    )
     proxy = await proxy_factory(raw, tls=False)
     async with (
         aiohttp.ClientSession() as client,
@@ -119,14 +128,9 @@ async def test_client_side_refuses_an_upstream_it_cannot_verify(
 
 
 def test_client_side_refuses_plain_http_upstream_at_config_time() -> None:
-    raw = {
-        "mode": "client-side",
-        "listen": {"address": "127.0.0.1:8080"},
-        "upstream": {"url": "http://api.example.com"},
-    }
-    with pytest.raises(ConfigError) as info:
-        config.parse(raw, file="c.yaml")
-    assert "upstream.url" in str(info.value) and "allow_plain_upstream" in str(info.value)
+    raw = client_side({"url": "http://api.example.com"}, "127.0.0.1:8080")
+    error = config_error(raw)
+    assert "upstream.url" in error and "allow_plain_upstream" in error
     ok = config.parse({**raw, "allow_plain_upstream": True}, file="c.yaml")
     assert ok.mode == "client-side"
     # Server-side mode has no such rule: the app behind a sidecar is usually plain http.
@@ -134,34 +138,19 @@ def test_client_side_refuses_plain_http_upstream_at_config_time() -> None:
 
 
 def test_client_side_without_tls_must_listen_on_loopback() -> None:
-    raw = {
-        "mode": "client-side",
-        "listen": {"address": "0.0.0.0:8080"},
-        "upstream": {"url": "https://api.example.com"},
-    }
-    with pytest.raises(ConfigError) as info:
-        config.parse(raw, file="c.yaml")
-    assert "listen.address" in str(info.value) and "loopback" in str(info.value)
+    error = config_error(client_side({"url": "https://api.example.com"}, "0.0.0.0:8080"))
+    assert "listen.address" in error and "loopback" in error
 
 
 async def test_client_side_plain_upstream_when_explicitly_allowed(
     tmp_path: Path, upstream: Upstream, proxy_factory: Any
 ) -> None:
-    raw = {
-        "mode": "client-side",
-        "allow_plain_upstream": True,
-        "listen": {"address": "127.0.0.1:0"},
-        "upstream": {"url": upstream.url},
-        "keys": keys_block(tmp_path),
-        "routes": [
-            {
-                "match": {"path": "/records/**"},
-                "key": "app",
-                "request": {"encrypt": FIELDS},
-                "response": {"decrypt": FIELDS},
-            }
-        ],
-    }
+    raw = client_side(
+        {"url": upstream.url},
+        allow_plain_upstream=True,
+        keys=keys_block(tmp_path),
+        routes=records_route(request={"encrypt": FIELDS}, response={"decrypt": FIELDS}),
+    )
     proxy = await proxy_factory(raw, tls=False)
     async with (
         aiohttp.ClientSession() as client,
