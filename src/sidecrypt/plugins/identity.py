@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .. import appkeys, hookimpl
 from ..errors import ConfigError
 from ..identity import PeerCertificate, Principal
+from . import _per_app
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -285,12 +286,7 @@ def validate(settings: Settings) -> None:
 
 def install(pm: pluggy.PluginManager, settings: Settings) -> Identifier:
     """Register (or replace) this app's Identifier on ``pm``."""
-    old = pm.get_plugin(PLUGIN_NAME)
-    if old is not None:
-        pm.unregister(old)
-    identifier = Identifier(settings)
-    pm.register(identifier, name=PLUGIN_NAME)
-    return identifier
+    return _per_app.install(pm, PLUGIN_NAME, Identifier(settings))
 
 
 def describe(settings: Settings) -> str:

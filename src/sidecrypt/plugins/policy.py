@@ -47,7 +47,7 @@ from .. import appkeys, hookimpl
 from ..decisions import AUDIT_OUTCOME, OUTCOMES, Decider, principal_label, purpose_of
 from ..identity import Principal
 from ..selectors import DESCEND, INDEX, MEMBER, WILD, compile_selector
-from . import identity
+from . import _per_app, identity
 from .policy_checks import describe_default, startup_warnings, validate
 from .policy_model import MaskConfig, PolicyConfig, split_ref
 
@@ -253,12 +253,7 @@ __all__ = [
 
 def install(pm: pluggy.PluginManager, settings: Settings) -> PolicyEngine:
     """Register (or replace) this app's PolicyEngine on ``pm``."""
-    old = pm.get_plugin(PLUGIN_NAME)
-    if old is not None:
-        pm.unregister(old)
-    engine = PolicyEngine(settings)
-    pm.register(engine, name=PLUGIN_NAME)
-    return engine
+    return _per_app.install(pm, PLUGIN_NAME, PolicyEngine(settings))
 
 
 @hookimpl(trylast=True)
