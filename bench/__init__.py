@@ -1,0 +1,1 @@
+"""Throughput benchmarks: sidecrypt against nginx and a bare aiohttp proxy (``python -m bench``)."""
