@@ -218,9 +218,11 @@ def main() -> int:
                     if k in configs
                 }
                 print(f"paced at ~{pace:,.0f} req/s", flush=True)
-                for _ in range(rounds):
-                    for c in paced.values():
-                        measure(w, svc, c, paced_script, seconds, 0)
+                paced_order = list(paced.values())
+                for r in range(rounds):
+                    shift = r % len(paced_order)
+                    for c in paced_order[shift:] + paced_order[:shift]:
+                        measure(w, svc, c, paced_script, seconds, warm)
             micro_out: dict[str, float] = {}
             if "micro" not in skip:
                 print("micro benchmarks", flush=True)
