@@ -49,12 +49,13 @@ def load_table(configs: dict[str, Config]) -> list[str]:
     for c in configs.values():
         ref = configs.get(f"nginx-tls-{c.workers}")
         own = configs.get(f"sidecrypt-pass-{c.workers}")
+        own = own if c.key.startswith("sidecrypt-enc") else None
         cpu = "-" if c.key == "upstream" else f"{c.med('cpu_us'):.0f}"
         rows.append(
             f"| {c.label} | {c.workers} | {c.med('rps'):,.0f} | {c.med('p50_ms'):.2f} "
             f"| {c.med('p99_ms'):.2f} | {cpu} "
             f"| {_ratio(c.med('rps'), ref.med('rps')) if ref else '-'} "
-            f"| {_ratio(c.med('rps'), own.med('rps')) if own and c.key != own.key else '-'} "
+            f"| {_ratio(c.med('rps'), own.med('rps')) if own else '-'} "
             f"| {c.errors} |"
         )
     return rows
