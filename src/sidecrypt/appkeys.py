@@ -24,6 +24,14 @@ KEYS: web.AppKey[DataKeyService] = web.AppKey("sidecrypt.keys")
 ADMIN: web.AppKey[web.Application] = web.AppKey("sidecrypt.admin")
 PROXY: web.AppKey[web.Application] = web.AppKey("sidecrypt.proxy")
 AUDIT_GATE: web.AppKey[Callable[[], bool]] = web.AppKey("sidecrypt.audit_gate")
+
+RequestObserver = Callable[[web.Request, int, float], None]
+"""Called after every proxied request with its status and seconds (metrics); must not block.
+
+An observer list instead of an aiohttp middleware: a middleware adds two coroutine layers per
+request, which cost ~10% of pass-through throughput in the bench (bench/PROFILE.md).
+"""
+REQUEST_OBSERVERS: web.AppKey[list[RequestObserver]] = web.AppKey("sidecrypt.request_observers")
 """Set by the audit plugin: a fast sync check; False means refuse key use with 503."""
 
 PEER_CERT: web.RequestKey[PeerCertificate | None] = web.RequestKey("sidecrypt.peer_cert")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,26 @@ async def make_app(tmp_path: Path, audit_block: Mapping[str, Any] | None = None)
     keys = DataKeyService(
         {"app": provider}, audit=lambda event: pm.hook.sidecrypt_audit(event=event)
     )
-    app = web.Application()
+    observers: list[appkeys.RequestObserver] = []
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Any) -> web.StreamResponse:
+        """What Proxy.handle does for request observers."""
+        started = time.perf_counter()
+        status = 500
+        try:
+            response: web.StreamResponse = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            for fn in observers:
+                fn(request, status, time.perf_counter() - started)
+
+    app = web.Application(middlewares=[observe])
+    app[appkeys.REQUEST_OBSERVERS] = observers
     app[appkeys.PLUGIN_MANAGER] = pm
     app[appkeys.KEYS] = keys
     app[appkeys.ADMIN] = web.Application()

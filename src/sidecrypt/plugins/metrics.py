@@ -13,7 +13,6 @@ codes and error class names: never field values, context values or key material.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ from .aws_kms_resilience import CallStats, CircuitBreaker
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UNMATCHED = "unmatched"
+FLUSH_EVERY = 1024  # requests recorded before they are folded into the instruments
 PROVIDER_OPS = frozenset({"generate_data_key", "decrypt_data_key"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -207,6 +207,7 @@ class Metrics:
         )
         registry.register(_StateCollector(app))
         self._children: dict[tuple[object, ...], Any] = {}
+        self._pending: list[tuple[str, int, float, float | None]] = []
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(...)`` memoised: label sets are few (config strings), calls many."""
@@ -235,26 +236,36 @@ class Metrics:
         elif action == "request_failed":
             self._child(self.failures, route, event.step or "", event.error or "").inc()
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        status = "500"
-        try:
-            response = await handler(request)
-            status = str(response.status)
-            return response
-        except web.HTTPException as exc:
-            status = str(exc.status)
-            raise
-        finally:
-            route = request.get(appkeys.ROUTE) or UNMATCHED
-            self._child(self.requests, route, status).inc()
-            self._child(self.latency, route).observe(time.perf_counter() - started)
-            upstream = request.get(appkeys.UPSTREAM_SECONDS)
+    def observe_request(self, request: web.Request, status: int, seconds: float) -> None:
+        """A proxied request finished (``appkeys.REQUEST_OBSERVERS``).
+
+        Recorded as a tuple and folded into the instruments in batches (at every scrape, and
+        every FLUSH_EVERY requests): updating prometheus instruments inline measured ~19 µs
+        per request under load, batched it is a list append on the request path.
+        """
+        pending = self._pending
+        pending.append(
+            (
+                request.get(appkeys.ROUTE) or UNMATCHED,
+                status,
+                seconds,
+                request.get(appkeys.UPSTREAM_SECONDS),
+            )
+        )
+        if len(pending) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        child = self._child
+        for route, status, seconds, upstream in pending:
+            child(self.requests, route, str(status)).inc()
+            child(self.latency, route).observe(seconds)
             if upstream is not None:
-                self._child(self.upstream, route).observe(upstream)
+                child(self.upstream, route).observe(upstream)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
+        self.flush()
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
@@ -278,7 +289,7 @@ class _EventCounter:
 def sidecrypt_app(app: web.Application, settings: Settings) -> None:
     metrics = Metrics(app)
     app[METRICS] = metrics
-    app.middlewares.append(metrics.middleware)
+    app.setdefault(appkeys.REQUEST_OBSERVERS, []).append(metrics.observe_request)
     app[appkeys.PLUGIN_MANAGER].register(
         _EventCounter(metrics), name=f"sidecrypt.metrics.events-{id(app):x}"
     )

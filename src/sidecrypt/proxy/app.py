@@ -85,6 +85,7 @@ class Proxy:
             else frozenset()
         )
         self.mtls = settings.listen.tls is not None and settings.listen.tls.client_ca is not None
+        self.observers: list[appkeys.RequestObserver] = []
         self.audit_gate: Callable[[], bool] = lambda: True
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
@@ -98,6 +99,24 @@ class Proxy:
     # -- the handler --------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Every request; observers (metrics) learn its status and duration."""
+        if not self.observers:
+            return await self._handle(request)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await self._handle(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            for observe in self.observers:
+                observe(request, status, seconds)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id", "")
         if not 0 < len(rid) <= 128:  # a client's id is kept for correlation, within reason
             rid = f"{self._id_prefix}-{next(self._ids)}"
@@ -460,6 +479,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
     app[appkeys.ADMIN] = admin.create_admin_app(app)
     app.cleanup_ctx.append(_lifespan)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app[appkeys.REQUEST_OBSERVERS] = proxy.observers
     pm.hook.sidecrypt_app(app=app, settings=settings)
     # The audit plugin installs a fast gate: refuse key use before it happens, not after.
     proxy.audit_gate = app.get(appkeys.AUDIT_GATE, proxy.audit_gate)
