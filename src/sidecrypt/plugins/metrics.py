@@ -1,7 +1,7 @@
 """Built-in metrics plugin: Prometheus exposition at ``/metrics`` on the admin listener.
 
 One ``CollectorRegistry`` per app (never the global one), kept at ``app[METRICS]``. Request
-counts and latency come from a middleware on the proxy app (route label from
+counts and latency come from a request observer on the proxy app (route label from
 ``request[appkeys.ROUTE]``, upstream time from ``request[appkeys.UPSTREAM_SECONDS]``); field,
 reveal, failure and provider-call counts come from audit events through a per-app plugin object;
 data key cache, KMS request/breaker and audit queue figures are read at scrape time by a
