@@ -8,7 +8,6 @@ sent upstream.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
@@ -91,7 +90,6 @@ class Proxy:
         self._id_prefix = os.urandom(4).hex()
         self._audit = pm.hook.sidecrypt_audit
         self._identify = pm.hook.sidecrypt_identify
-        self._authorize = pm.hook.sidecrypt_authorize
 
     def audit(self, event: AuditEvent) -> None:
         self._audit(event=event)
@@ -418,9 +416,7 @@ class Proxy:
             request[appkeys.PEER_CERT] = tls.peer_certificate(
                 request.transport.get_extra_info("ssl_object")
             )
-        request[appkeys.PRINCIPAL] = (
-            self._identify(request=request) if self._identify.get_hookimpls() else None
-        )
+        request[appkeys.PRINCIPAL] = self._identify(request=request)
 
     def _decider(self, request: web.Request, route: CompiledRoute) -> Decider:
         """Per-request policy decisions (cached per label); the purpose header is checked here."""
@@ -508,4 +504,3 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
             except Exception:  # closing must not hide the shutdown of the others
                 log.exception("closing key provider %s failed", provider.name)
         proxy.keys.clear()
-        await asyncio.sleep(0)
