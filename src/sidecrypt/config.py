@@ -123,6 +123,7 @@ class Server(Model):
     )
     backlog: int = Field(1024, ge=16)
     access_log: bool = False
+    body_timeout: float = Field(60.0, gt=0, description="seconds to receive a body we buffer")
 
 
 class Upstream(Model):

@@ -485,3 +485,32 @@ async def test_method_override_and_path_case_cannot_skip_the_rules(
     assert b"canary-override" not in upstream.all_bytes()
     assert b"canary-case" not in upstream.all_bytes()
     assert len(upstream.seen) == 1 and b"sc1." in upstream.seen[0].body
+
+
+async def test_a_stalled_request_body_times_out_and_forwards_nothing(
+    tmp_path: Path, upstream: Any, proxy_factory: Any, certs: Any
+) -> None:
+    create_key(tmp_path / "ring.json", "app")
+    proxy = await proxy_factory(
+        {
+            "upstream": {"url": upstream.url},
+            "server": {"body_timeout": 0.3},
+            "keys": {"app": {"provider": "local", "keyring": str(tmp_path / "ring.json")}},
+            "routes": [
+                {"match": {"path": "/users"}, "key": "app", "request": {"encrypt": ["$.ssn"]}}
+            ],
+        }
+    )
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost"
+    )
+    writer.write(
+        b"POST /users HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"ssn": "canary-stall'
+    )
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert b" 408 " in status
+    assert upstream.seen == []

@@ -8,6 +8,7 @@ sent upstream.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -216,7 +217,13 @@ class Proxy:
                 code="unsupported_encoding",
             )
         limit = route.max_body_size
-        body = await forward.read_limited(request.content, limit, what="request body")
+        try:  # a client that stalls mid-body must not hold a buffered request forever
+            async with asyncio.timeout(self.settings.server.body_timeout):
+                body = await forward.read_limited(request.content, limit, what="request body")
+        except TimeoutError:
+            raise RequestError(
+                "the request body did not arrive in time", status=408, code="body_timeout"
+            ) from None
         # A decoded body goes upstream without Content-Encoding (transformed bodies drop it).
         return forward.gunzip_limited(body, limit, what="request body") if gzipped else body
 
