@@ -1,18 +1,15 @@
-"""The upstream side: one pooled client session, header rules, and body streaming helpers."""
+"""The upstream side: header rules, request targets and body reading helpers."""
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import AsyncIterator
+from typing import Protocol
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
-from ..config import Upstream
 from ..errors import RequestError, SidecryptError
-from . import tls
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus the non-standard ones proxies also drop.
 HOP_BY_HOP = frozenset(
@@ -34,29 +31,6 @@ HOP_BY_HOP = frozenset(
 STREAM_CHUNK = 64 * 1024
 
 
-def make_session(upstream: Upstream, *, source: str | None = None) -> aiohttp.ClientSession:
-    """One session for the app's life: pooled keep-alive connections, no cookies, no magic."""
-    ctx = tls.upstream_context(upstream, source=source)
-    connector = aiohttp.TCPConnector(
-        limit=upstream.pool_size,
-        ssl=ctx if ctx is not None else True,
-        ttl_dns_cache=300,
-        keepalive_timeout=30,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
-        ),
-        trust_env=False,
-        max_line_size=16 * 1024,
-        max_field_size=64 * 1024,
-    )
-
-
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     values = headers.getall("Connection", ())
     if not values:
@@ -72,11 +46,15 @@ def request_headers(
     keep_length: bool,
     identity_encoding: bool = False,
     drop: frozenset[str] = frozenset(),
-) -> CIMultiDict[str]:
-    """Headers for the upstream request: hop-by-hop dropped, X-Forwarded-* set, Host rewritten."""
+) -> list[tuple[str, str]]:
+    """Headers for the upstream request: hop-by-hop dropped, X-Forwarded-* set, Host rewritten.
+
+    A plain list in the client's order: the upstream pool writes it as it is (and owns framing).
+    """
     src = request.headers
     extra = _connection_tokens(src)
-    out: CIMultiDict[str] = CIMultiDict()
+    out: list[tuple[str, str]] = []
+    prior: list[str] = []
     for name, value in src.items():
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in extra or lname == "host" or lname in drop:
@@ -85,21 +63,22 @@ def request_headers(
             continue
         if not keep_length and lname in ("content-length", "content-encoding"):  # body replaced
             continue
-        if lname.startswith("x-forwarded-") and lname != "x-forwarded-for":
+        if lname.startswith("x-forwarded-"):
+            if lname == "x-forwarded-for":
+                prior.append(value)
             continue
         if identity_encoding and lname == "accept-encoding":
             continue
-        out.add(name, value)
+        out.append((name, value))
     host = src.get("Host", "")
-    out["Host"] = host if preserve_host and host else upstream_host
+    out.append(("Host", host if preserve_host and host else upstream_host))
     peer = request.remote or ""
-    prior = out.popall("X-Forwarded-For", ())
-    out["X-Forwarded-For"] = ", ".join((*prior, peer)) if prior else peer
-    out["X-Forwarded-Proto"] = "https" if request.secure else "http"
+    out.append(("X-Forwarded-For", ", ".join((*prior, peer)) if prior else peer))
+    out.append(("X-Forwarded-Proto", "https" if request.secure else "http"))
     if host:
-        out["X-Forwarded-Host"] = host
+        out.append(("X-Forwarded-Host", host))
     if identity_encoding:
-        out["Accept-Encoding"] = "identity"
+        out.append(("Accept-Encoding", "identity"))
     return out
 
 
@@ -121,22 +100,16 @@ def response_headers(
     return out
 
 
-def upstream_url(base: URL, raw_path: str) -> URL:
-    """Append the client's raw path+query to the upstream base without re-encoding anything.
+def upstream_target(base_path: str, raw_path: str) -> str:
+    """The origin-form target: the upstream's base path, then the client's raw path and query.
 
-    Built, never joined: a relative reference such as ``//other-host/x`` or an absolute-form
-    target must not be able to choose the host the proxy connects to.
+    Nothing is re-encoded, and the result is always a path: a relative reference such as
+    ``//other-host/x`` or an absolute-form target cannot choose the host the proxy connects to
+    (the pool connects to the configured origin only; :func:`check_path` refuses such targets).
     """
-    path, sep, query = raw_path.partition("?")
-    if not path.startswith("/"):
-        path = "/" + path
-    return URL.build(
-        scheme=base.scheme,
-        authority=base.raw_authority,
-        path=base.raw_path.rstrip("/") + path,
-        query_string=query if sep else "",
-        encoded=True,
-    )
+    if not raw_path.startswith("/"):
+        raw_path = "/" + raw_path
+    return base_path + raw_path
 
 
 def check_path(request: web.Request) -> None:
@@ -159,7 +132,11 @@ def check_path(request: web.Request) -> None:
         raise RequestError("dot segments are not allowed in the path", code="ambiguous_path")
 
 
-async def read_limited(stream: aiohttp.StreamReader, limit: int, *, what: str) -> bytes:
+class Readable(Protocol):
+    async def readany(self) -> bytes: ...
+
+
+async def read_limited(stream: Readable, limit: int, *, what: str) -> bytes:
     """Read a whole body, refusing (413) as soon as it passes ``limit``."""
     chunks: list[bytes] = []
     size = 0
@@ -177,7 +154,7 @@ async def read_limited(stream: aiohttp.StreamReader, limit: int, *, what: str) -
         chunks.append(chunk)
 
 
-async def iter_body(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def iter_body(stream: Readable) -> AsyncIterator[bytes]:
     while True:
         chunk = await stream.readany()
         if not chunk:
