@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import pluggy
 from aiohttp import web
 from yarl import URL
@@ -32,7 +31,6 @@ from ..errors import (
     RequestError,
     SidecryptError,
     UpstreamError,
-    UpstreamTimeout,
 )
 from ..events import AuditEvent
 from ..keys import CacheLimits, DataKeyService
@@ -40,6 +38,7 @@ from ..plugin_manager import build_providers
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .routes import CompiledRoute, Router
+from .upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,8 @@ class Proxy:
         default = 443 if self.base.scheme == "https" else 80
         host = self.base.host or ""
         self.upstream_host = host if port in (None, default) else f"{host}:{port}"
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None
+        self.base_path = self.base.raw_path.rstrip("/")
         hdr = settings.identity.header
         # Identity headers are for sidecrypt; the app behind it must never see (or trust) them.
         self.drop_headers = (
@@ -281,7 +281,7 @@ class Proxy:
         context: Any,
         body: bytes | None,
     ) -> web.StreamResponse:
-        assert self.session is not None
+        assert self.pool is not None
         transformed = body is not None
         wants_response = route is not None and route.needs_response_body
         headers = forward.request_headers(
@@ -301,21 +301,9 @@ class Proxy:
             data = await request.read()
         else:
             data = forward.iter_body(request.content)
-        url = forward.upstream_url(self.base, request.raw_path)
+        target = forward.upstream_target(self.base_path, request.raw_path)
         started = time.perf_counter()
-        try:
-            upstream = await self.session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                compress=None,
-            )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("the upstream did not answer in time") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"the upstream is unreachable ({type(exc).__name__})") from exc
+        upstream = await self.pool.request(request.method, target, headers, data)
         try:
             request[appkeys.UPSTREAM_SECONDS] = time.perf_counter() - started
             if wants_response and route is not None:
@@ -325,15 +313,12 @@ class Proxy:
             upstream.release()
 
     async def _respond_streamed(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, request: web.Request, upstream: UpstreamResponse
     ) -> web.StreamResponse:
         length = upstream.content_length
         no_body = request.method == "HEAD" or upstream.status in (204, 304)
         if no_body or (length is not None and length <= SMALL_BODY):
-            try:
-                payload = b"" if no_body else await upstream.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise _upstream_failure(exc) from exc
+            payload = b"" if no_body else await upstream.read()
             headers = forward.response_headers(upstream.headers, keep_length=no_body)
             resp = web.Response(status=upstream.status, reason=upstream.reason, headers=headers)
             if payload:
@@ -343,9 +328,9 @@ class Proxy:
         stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await stream.prepare(request)
         try:
-            async for chunk in upstream.content.iter_chunked(forward.STREAM_CHUNK):
+            while chunk := await upstream.readany():
                 await stream.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             # Headers are out: the only honest signal left is to cut the connection.
             log.warning("upstream failed mid-response", extra={"error": type(exc).__name__})
             if request.transport is not None:
@@ -359,7 +344,7 @@ class Proxy:
         request: web.Request,
         route: CompiledRoute,
         context: Any,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
     ) -> web.StreamResponse:
         no_body = request.method == "HEAD" or upstream.status in (204, 304)
         json_body = is_json(upstream.content_type)
@@ -380,7 +365,7 @@ class Proxy:
             )
         try:
             body = await forward.read_limited(
-                upstream.content, route.max_body_size, what="upstream response"
+                upstream, route.max_body_size, what="upstream response"
             )
             if gzipped:
                 body = forward.gunzip_limited(body, route.max_body_size, what="upstream response")
@@ -388,8 +373,6 @@ class Proxy:
             if exc.status == 413:
                 raise forward.ResponseTooLarge(exc.message) from None
             raise _upstream_body_error(exc) from None
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _upstream_failure(exc) from exc
         if route.response_decrypt:
             decide = self._decider(request, route)
             try:
@@ -434,12 +417,6 @@ class Proxy:
             route.key,
             purpose_of(request, self.settings),
         )
-
-
-def _upstream_failure(exc: BaseException) -> UpstreamError:
-    if isinstance(exc, TimeoutError):
-        return UpstreamTimeout("the upstream did not answer in time")
-    return UpstreamError(f"the upstream failed mid-response ({type(exc).__name__})")
 
 
 def _upstream_body_error(exc: RequestError) -> SidecryptError:
@@ -500,11 +477,11 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         for provider in proxy.keys.providers.values():
             await provider.start()
             started.append(provider)
-        proxy.session = forward.make_session(settings.upstream, source=settings.source)
+        proxy.pool = UpstreamPool(settings.upstream, source=settings.source)
         yield
     finally:
-        if proxy.session is not None:
-            await proxy.session.close()
+        if proxy.pool is not None:
+            await proxy.pool.close()
         for provider in started:
             try:
                 await provider.close()
