@@ -201,7 +201,7 @@ def main() -> int:
             headers = {"Content-Type": "application/json", "X-Tenant": env.CONTEXT["tenant"]}
             script = wrk.lua_script(w.dir / "post.lua", w.body, headers, None)
             order = list(configs.values())
-            for r in range(rounds):
+            for r in range(rounds if order else 0):  # --only none: services only (--hold)
                 print(f"round {r + 1}/{rounds}", flush=True)
                 shift = r % len(order)
                 for c in order[shift:] + order[:shift]:
