@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import PluginError, RequestError
 from .events import AuditEvent
 from .events import Outcome as AuditOutcome
+from .hookcall import DirectHook
 from .identity import Principal
 
 if TYPE_CHECKING:
@@ -66,7 +67,16 @@ class Decider:
     An outcome outside the five known ones is a plugin bug (PluginError).
     """
 
-    __slots__ = ("_authorize", "_mask", "decisions", "key", "principal", "purpose", "route")
+    __slots__ = (
+        "_args",
+        "_authorize",
+        "_mask",
+        "decisions",
+        "key",
+        "principal",
+        "purpose",
+        "route",
+    )
 
     def __init__(
         self,
@@ -75,23 +85,29 @@ class Decider:
         route: str,
         key: str | None,
         purpose: str | None,
+        *,
+        authorize: DirectHook | None = None,
     ) -> None:
-        self._authorize = pm.hook.sidecrypt_authorize
+        # A DirectHook kept by the caller (the proxy keeps one per app) saves ~0.7 µs per field.
+        self._authorize = authorize or DirectHook(pm.hook.sidecrypt_authorize)
         self._mask = pm.hook.sidecrypt_mask
         self.principal, self.route, self.key, self.purpose = principal, route, key, purpose
+        self._args: dict[str, Any] = {
+            "principal": principal,
+            "action": "decrypt",
+            "route": route,
+            "field": "",
+            "key": key,
+            "purpose": purpose,
+        }
         self.decisions: dict[str, str] = {}
 
     def __call__(self, field: str) -> str:
         outcome = self.decisions.get(field)
         if outcome is None:
-            outcome = self._authorize(
-                principal=self.principal,
-                action="decrypt",
-                route=self.route,
-                field=field,
-                key=self.key,
-                purpose=self.purpose,
-            )
+            args = self._args
+            args["field"] = field
+            outcome = self._authorize(args)
             if outcome is None:
                 outcome = "ciphertext"
             elif outcome not in OUTCOMES:
