@@ -144,6 +144,20 @@ async def test_counters_move_and_parse(tmp_path: Path, aiohttp_client: Any) -> N
     assert CANARY not in text
 
 
+async def test_registry_reads_see_pending_counts(tmp_path: Path, aiohttp_client: Any) -> None:
+    """Counts are batched on the request path; any collection (not only /metrics) folds them in."""
+    app = await make_app(tmp_path)
+    client = await aiohttp_client(app)
+    for _ in range(2):
+        assert (await client.post("/users/1", headers={"X-Tenant": "t"}, json={})).status == 200
+    reg = metrics.registry(app)
+    fields = {"route": ROUTE, "key": "app", "operation": "encrypt"}
+    assert reg.get_sample_value("sidecrypt_fields_total", fields) == 4
+    assert reg.get_sample_value("sidecrypt_requests_total", {"route": ROUTE, "status": "200"}) == 2
+    assert (await client.post("/users/1", headers={"X-Tenant": "t"}, json={})).status == 200
+    assert reg.get_sample_value("sidecrypt_fields_total", fields) == 6
+
+
 async def test_provider_failures_are_counted(tmp_path: Path, aiohttp_client: Any) -> None:
     app = await make_app(tmp_path)
     client = await aiohttp_client(app)
