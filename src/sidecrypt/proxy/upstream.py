@@ -256,4 +256,3 @@ def _head(
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         raise ValueError("request line or header values must not contain CR or LF")
     return text.encode("utf-8", "surrogateescape"), declared
-

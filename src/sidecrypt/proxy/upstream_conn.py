@@ -45,6 +45,7 @@ class Connection(asyncio.Protocol):
         self._exc: UpstreamError | None = None
         self._raw: list[tuple[str, str]] = []
         self._head_bytes = 0
+        self._head_bytes_raw = 0
         self._head_done = False
         self._head_only = False
         self._informational = False
@@ -147,6 +148,7 @@ class Connection(asyncio.Protocol):
         self._head_done = self._complete = self._sent = self._informational = False
         self._keep_alive = self._until_eof = False
         self._head_only = head_only
+        self._head_bytes_raw = 0
         self._last_read = self._loop.time()
 
     async def _stream(self, body: AsyncIterator[bytes], declared: int | None) -> bool:
@@ -237,6 +239,15 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail(self._exc or UpstreamError("the upstream sent a malformed response"))
             return
+        if not self._head_done:
+            # llhttp hands over a header only once it is complete: count the raw bytes too, or
+            # one endless header line would grow without bound.
+            self._head_bytes_raw += len(data)
+            if self._head_bytes_raw > MAX_HEAD:
+                self._fail(UpstreamError("the upstream response head is larger than 64 KiB"))
+                return
+        elif self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)  # an early answer ends the upload (see _stream)
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
