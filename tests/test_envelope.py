@@ -315,3 +315,26 @@ def test_is_envelope() -> None:
 
 def test_envelope_repr_has_no_key_material() -> None:
     assert DATA_KEY.hex() not in repr(envelope.parse(VECTOR_1))
+
+
+def test_parse_memo_never_confuses_headers() -> None:
+    """parse() reuses the last header it decoded; tokens under other headers still parse as
+    themselves, and a known header followed by too few bytes is still truncated."""
+    acme = encrypt("a", context=(("tenant", "acme"),))
+    other = encrypt("b", context=(("tenant", "acmf"),))
+    longer = encrypt("c", context=(("tenant", "acme-2"),))
+    for _ in range(2):
+        for token, tenant, value in (
+            (acme, "acme", "a"),
+            (other, "acmf", "b"),
+            (acme, "acme", "a"),
+        ):
+            env = envelope.parse(token)
+            assert env.context == (("tenant", tenant),)
+            assert envelope.decrypt_value(env, AEAD, "$.f") == value
+        assert envelope.parse(longer).context == (("tenant", "acme-2"),)
+    header = envelope.parse(acme).header
+    with pytest.raises(CryptoError, match="truncated"):
+        envelope.parse(b64(header + bytes(27)))
+    with pytest.raises(CryptoError, match="truncated"):
+        envelope.parse(b64(header[:-1]))

@@ -39,6 +39,9 @@ MAX_LABEL_BYTES = 0xFFFF
 _PROVIDER = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,31}")
 _B64URL = re.compile(r"[A-Za-z0-9_\-]*")
 _TO_STD = bytes.maketrans(b"-_", b"+/")
+# Decoding: base64url to standard, and '+', '/', '=' to a character strict base64 refuses, so
+# one translate plus a strict decode accept exactly the unpadded base64url alphabet.
+_FROM_URL = bytes.maketrans(b"-_+/=", b"+/!!!")
 _TO_URL = bytes.maketrans(b"+/", b"-_")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -203,16 +206,16 @@ def _decode(token: str) -> bytes:
         raise _fail(f"missing {PREFIX!r} prefix")
     body = token[len(PREFIX) :]
     rem = len(body) % 4
-    if rem == 1 or not _B64URL.fullmatch(body):
-        raise _fail("not base64url without padding")
+    try:
+        if rem == 1:
+            raise ValueError
+        raw = body.encode("ascii").translate(_FROM_URL)
+        data = binascii.a2b_base64(raw + b"=" * (-rem % 4), strict_mode=True)
+    except (ValueError, binascii.Error):  # UnicodeEncodeError is a ValueError
+        raise _fail("not base64url without padding") from None
     if rem and _B64_INDEX[body[-1]] & (0x0F if rem == 2 else 0x03):
         raise _fail("non-canonical base64url")
-    try:
-        return binascii.a2b_base64(
-            body.encode("ascii").translate(_TO_STD) + b"=" * (-len(body) % 4), strict_mode=True
-        )
-    except binascii.Error:
-        raise _fail("not base64url without padding") from None
+    return data
 
 
 def _header_end(data: bytes) -> int:
@@ -270,8 +273,18 @@ def _header_fields(header: bytes) -> tuple[str, str, int, keys.Context, bytes]:
     return provider, key_name, key_version, context, header[pos + 2 :]
 
 
+# The last header parse() decoded, with its fields. Tokens made under one data key share their
+# header, and a header is self-delimiting (length-prefixed), so a token whose bytes start with a
+# known header has exactly that header: a prefix compare replaces the walk, slice and lookup.
+_last_header: tuple[bytes, tuple[str, str, int, keys.Context, bytes]] = (
+    b"\xff",
+    ("", "", 0, (), b""),
+)
+
+
 def parse(token: str) -> Envelope:
     """Decode and check a token's structure (not its authenticity: that is decrypt's job)."""
+    global _last_header
     data = _decode(token)
     size = len(data)
     if size < 2:
@@ -280,11 +293,17 @@ def parse(token: str) -> Envelope:
         raise CryptoError(
             f"unsupported field ciphertext version {data[0]}", code="malformed_ciphertext"
         )
-    pos = _header_end(data)
+    header, fields = _last_header
+    if data.startswith(header):
+        pos = len(header)
+    else:
+        pos = _header_end(data)
+        header = data[:pos]
+        fields = _header_fields(header)
+        _last_header = (header, fields)
     if size - pos < NONCE_BYTES + TAG_BYTES:
         raise _fail("truncated")
-    header = data[:pos]
-    provider, key_name, key_version, context, wrapped = _header_fields(header)
+    provider, key_name, key_version, context, wrapped = fields
     return Envelope(
         VERSION,
         provider,

@@ -111,7 +111,16 @@ class CacheLimits:
 class CachedKey:
     """A data key ready to use: its AEAD object is built once and reused."""
 
-    __slots__ = ("aead", "bytes", "expires", "key_version", "provider", "uses", "wrapped")
+    __slots__ = (
+        "aead",
+        "bytes",
+        "expires",
+        "header",
+        "key_version",
+        "provider",
+        "uses",
+        "wrapped",
+    )
 
     def __init__(self, provider: KeyProvider, key: DataKey, expires: float) -> None:
         self.aead = AESGCM(key.plaintext)
@@ -121,6 +130,8 @@ class CachedKey:
         self.expires = expires
         self.uses = 0
         self.bytes = 0
+        # The token header for this key's (name, context): public bytes, set by the first field.
+        self.header: bytes | None = None
 
     def __repr__(self) -> str:
         return (
@@ -189,6 +200,27 @@ class DataKeyService:
         entry.uses += 1
         entry.bytes += nbytes
         self.stats["encrypt_hits"] += 1
+        return entry
+
+    def cached_for_encrypt_many(
+        self, name: str, context: Context, nbytes: int, uses: int
+    ) -> CachedKey | None:
+        """A whole body's fields at once: a cached key with room for ``uses`` more uses and
+        ``nbytes`` more bytes, counted, or None with nothing changed (then go field by field,
+        which handles expiry, eviction and the stale grace exactly)."""
+        entry = self._enc.get((name, context))
+        if entry is None:
+            return None
+        limits = self.limits
+        if (
+            entry.uses + uses > limits.max_uses
+            or entry.bytes + nbytes > limits.max_bytes
+            or self._clock() >= entry.expires
+        ):
+            return None
+        entry.uses += uses
+        entry.bytes += nbytes
+        self.stats["encrypt_hits"] += uses
         return entry
 
     async def for_encrypt(self, name: str, context: Context, nbytes: int = 0) -> CachedKey:

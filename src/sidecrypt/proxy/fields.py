@@ -140,15 +140,24 @@ class FieldCrypto:
         if name is None:
             raise CryptoError(f"route {route.label} encrypts fields but names no key")
         service = self.keys
+        plains = [dumps_json(container[key]) for container, key, _ in slots]
+        # One cache lookup for the body when the cached key has room for every field.
+        dk = service.cached_for_encrypt_many(name, context, sum(map(len, plains)), len(plains))
         labels = []
-        for container, key, lab in slots:
-            plaintext = dumps_json(container[key])
-            size = len(plaintext)
-            dk = service.cached_for_encrypt(name, context, size)
+        for (container, key, lab), plaintext in zip(slots, plains, strict=True):
             if dk is None:
-                dk = await service.for_encrypt(name, context, size)
-            header = build_header(dk.provider.type_name, name, dk.key_version, context, dk.wrapped)
-            container[key] = seal(plaintext, dk.aead, header=header, label=lab)
+                size = len(plaintext)
+                one = service.cached_for_encrypt(name, context, size)
+                if one is None:
+                    one = await service.for_encrypt(name, context, size)
+            else:
+                one = dk
+            header = one.header
+            if header is None:
+                header = one.header = build_header(
+                    one.provider.type_name, name, one.key_version, context, one.wrapped
+                )
+            container[key] = seal(plaintext, one.aead, header=header, label=lab)
             labels.append(lab)
         assert_no_plaintext(doc, specs)
         return _serialise(doc), labels
