@@ -124,6 +124,23 @@ async def test_max_uses_limits_one_data_key() -> None:
     assert svc.stats["encrypt_hits"] == 4 and svc.stats["encrypt_misses"] == 3
 
 
+async def test_many_uses_at_once_fit_or_change_nothing() -> None:
+    """A body's fields counted in one lookup; a key without room for all is left as it was."""
+    provider, clock = FakeProvider(), Clock()
+    svc = service(provider, clock, max_uses=5, max_bytes=100, max_age=10.0)
+    assert svc.cached_for_encrypt_many("app", CTX, 10, 3) is None  # nothing cached yet
+    first = await svc.for_encrypt("app", CTX, 10)
+    assert svc.cached_for_encrypt_many("app", CTX, 20, 3) is first
+    assert (first.uses, first.bytes, svc.stats["encrypt_hits"]) == (4, 30, 3)
+    assert svc.cached_for_encrypt_many("app", CTX, 1, 2) is None  # 4 + 2 > max_uses
+    assert svc.cached_for_encrypt_many("app", CTX, 71, 1) is None  # 30 + 71 > max_bytes
+    assert (first.uses, first.bytes, svc.stats["evictions"]) == (4, 30, 0)
+    assert svc.cached_for_encrypt("app", CTX, 1) is first  # the last use is still there
+    clock.now += 10.0
+    assert svc.cached_for_encrypt_many("app", CTX, 1, 1) is None  # expired
+    assert provider.calls["generate"] == 1
+
+
 async def test_max_age_with_a_fake_clock() -> None:
     provider, clock = FakeProvider(), Clock()
     svc = service(provider, clock, max_age=10.0)
