@@ -403,6 +403,24 @@ async def test_plaintext_guard_stops_the_body(
         await seal_body(crypto, route, {"ssn": CANARY})
 
 
+async def test_plain_member_chains_walk_directly_and_are_guarded(crypto: FieldCrypto) -> None:
+    """Chains like $.a and $.c.d take the direct walk; nested or repeated chains still resolve
+    as the general selectors do (outer slot encrypted whole, each slot once)."""
+    specs = compile_fields(["$.a", "$.c.d"])
+    assert_no_plaintext({"a": "sc1.x", "c": {"d": "sc1.y"}}, specs)
+    assert_no_plaintext({"c": "not a dict"}, specs)  # nothing reached, nothing to guard
+    with pytest.raises(PlaintextGuardError, match=r"\$\.c\.d"):
+        assert_no_plaintext({"a": "sc1.x", "c": {"d": CANARY}}, specs)
+    route = make_route(["$.a", "$.c.d"])
+    sealed, labels = await seal_body(crypto, route, {"a": 1, "c": {"d": [2]}, "e": 3})
+    assert labels == ["$.a", "$.c.d"] and sealed["e"] == 3
+    nested = make_route(["$.card.number", "$.card", "$.card"])
+    doc = {"card": {"number": "4111", "cvc": "123"}}
+    sealed, labels = await seal_body(crypto, nested, doc)
+    assert labels == ["$.card"] and envelope.is_envelope(sealed["card"])
+    assert (await open_body(crypto, nested, sealed))[0] == doc
+
+
 async def test_existing_tokens_are_encrypted_again(crypto: FieldCrypto) -> None:
     route = make_route(["$.ssn"])
     first, _ = await seal_body(crypto, route, {"ssn": CANARY})

@@ -82,7 +82,56 @@ def _find(doc: Any, spec: CompiledField) -> list[tuple[Any, str | int, tuple[str
     return [(c, k, p, fixed or _label(p)) for c, k, p in spec.selector.slots(doc)]
 
 
+# (parent member chain, last member, label, spec) for field lists that are plain member chains,
+# none equal to or a prefix of another: no dedup or nesting to resolve, a direct walk suffices.
+_Plan = tuple[tuple[tuple[str, ...], str, str, CompiledField], ...]
+_plans: dict[int, tuple[Sequence[CompiledField], _Plan | None]] = {}
+
+
+def _simple_plan(specs: Sequence[CompiledField]) -> _Plan | None:
+    """The direct walk for ``specs`` (memoised per field list: routes hold them for life)."""
+    hit = _plans.get(id(specs))
+    if hit is not None and hit[0] is specs:
+        return hit[1]
+    chains = [spec.members for spec in specs]
+    plan: _Plan | None = None
+    if all(c is not None for c in chains):
+        ok = [c for c in chains if c is not None]
+        nested = any(a[: len(b)] == b for i, a in enumerate(ok) for j, b in enumerate(ok) if i != j)
+        if not nested:
+            plan = tuple(
+                (c[:-1], c[-1], spec.fixed_label or "", spec)
+                for c, spec in zip(ok, specs, strict=True)
+            )
+    if len(_plans) >= 1024:
+        _plans.clear()
+    _plans[id(specs)] = (specs, plan)
+    return plan
+
+
+def _walk(doc: Any, parents: tuple[str, ...], last: str) -> Any:
+    """The dict holding ``last`` at the end of a member chain, or None."""
+    node = doc
+    for name in parents:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(name)
+    return node if isinstance(node, dict) and last in node else None
+
+
 def _collect(doc: Any, specs: Sequence[CompiledField], *, encrypting: bool) -> list[_Slot]:
+    plan = _simple_plan(specs)
+    if plan is not None:
+        out: list[_Slot] = []
+        for parents, last, lab, spec in plan:
+            node = _walk(doc, parents, last)
+            if node is not None:
+                out.append((node, last, lab))
+            elif encrypting and spec.required:
+                raise RequestError(
+                    f"required field {spec.text} is missing from the body", code="missing_field"
+                )
+        return out
     seen: set[tuple[str | int, ...]] = set()
     found: list[tuple[Any, str | int, tuple[str | int, ...], str]] = []
     for spec in specs:
@@ -105,6 +154,16 @@ def _collect(doc: Any, specs: Sequence[CompiledField], *, encrypting: bool) -> l
 
 def assert_no_plaintext(body_obj: Any, specs: Sequence[CompiledField]) -> None:
     """Every slot a selector reaches must hold a token; raise naming the path otherwise."""
+    plan = _simple_plan(specs)
+    if plan is not None:
+        for parents, last, _, spec in plan:
+            node = _walk(body_obj, parents, last)
+            if node is not None and not is_envelope(node[last]):
+                raise PlaintextGuardError(
+                    f"plaintext guard: {path_label((*parents, last))} (selector {spec.text}) is "
+                    "not encrypted; the body was not sent"
+                )
+        return
     for spec in specs:
         for container, key, path, _ in _find(body_obj, spec):
             if not is_envelope(container[key]):
