@@ -789,6 +789,35 @@ async def test_early_response_while_the_body_is_still_uploading() -> None:
         assert pool.open_count == 0
 
 
+async def test_early_response_while_the_client_body_stalls() -> None:
+    """The upstream refuses (401) after the head while the client's body stalls: relay the 401.
+
+    aiohttp's client (what the pool replaces) returns the answer at once; waiting for the
+    client's next chunk turns the upstream's answer into the proxy's body timeout.
+    """
+    stalled = asyncio.Event()
+
+    async def script(conn: RawConn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")
+        await conn.send(response(401, b"who?", headers=(("Connection", "close"),)))
+        await conn.read_until_eof()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"part one"
+        await stalled.wait()  # the client stops sending (set only at the end of the test)
+        yield b"part two"
+
+    async with setup(script) as (_up, pool):
+        try:
+            resp = await asyncio.wait_for(get(pool, method="POST", body=body()), 3)
+            assert resp.status == 401
+            assert await resp.read() == b"who?"
+            resp.release()
+            assert pool.open_count == 0
+        finally:
+            stalled.set()
+
+
 async def test_a_request_answered_before_its_body_was_sent_is_not_reused() -> None:
     answered = asyncio.Event()
 
