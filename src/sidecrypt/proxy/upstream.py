@@ -117,7 +117,7 @@ class UpstreamPool:
             conn = await self._acquire()
             reused = conn.requests > 0
             try:
-                await conn.send(head, body, declared, head_only=method == "HEAD")
+                conn.send(head, body, declared, head_only=method == "HEAD")
                 await conn.wait_head()
             except BaseException as exc:
                 stale = reused and conn.nothing_received and isinstance(exc, UpstreamError)

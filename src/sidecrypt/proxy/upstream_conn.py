@@ -53,6 +53,8 @@ class Connection(asyncio.Protocol):
         self._complete = False
         self._keep_alive = False
         self._sent = False
+        self._upload: asyncio.Task[None] | None = None
+        self._upload_error: BaseException | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._reading_paused = False
@@ -85,12 +87,14 @@ class Connection(asyncio.Protocol):
         self.idle_since = now
 
     def close(self) -> None:
+        if self._upload is not None:
+            self._upload.cancel()
         self._busy = False
         self.idle_since = None
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
-    async def send(
+    def send(
         self,
         head: bytes,
         body: bytes | AsyncIterator[bytes] | None,
@@ -98,7 +102,11 @@ class Connection(asyncio.Protocol):
         *,
         head_only: bool,
     ) -> None:
-        """Write one request; stops early (without error) if the upstream answers or leaves."""
+        """Write one request; a streamed body goes on in a task of its own (see :meth:`_upload`).
+
+        The upstream may answer before the body is sent (a 401 or 413 while the client is still
+        uploading, or stalled): its answer must reach the client then, as it would without us.
+        """
         assert self._transport is not None
         self._start(head_only)
         transport = self._transport
@@ -112,13 +120,15 @@ class Connection(asyncio.Protocol):
                 transport.write(body)
         else:
             transport.write(head)
-            if not await self._stream(body, declared):
-                return
+            self._upload = self._loop.create_task(self._upload_body(body, declared))
+            self._upload.add_done_callback(self._upload_done)
+            return
         self._sent = True
-        self._last_read = self._loop.time()  # the read timeout counts from the end of the request
 
     async def wait_head(self) -> None:
         while not self._head_done:
+            if self._upload_error is not None:
+                raise self._upload_error
             if self._exc is not None:
                 raise self._exc
             await self._wait()
@@ -148,15 +158,30 @@ class Connection(asyncio.Protocol):
         self._head_done = self._complete = self._sent = self._informational = False
         self._keep_alive = self._until_eof = False
         self._head_only = head_only
+        self._upload_error = None
         self._head_bytes_raw = 0
         self._last_read = self._loop.time()
 
+    async def _upload_body(self, body: AsyncIterator[bytes], declared: int | None) -> None:
+        if await self._stream(body, declared):
+            self._sent = True
+            self._last_read = self._loop.time()  # the read timeout counts from the request's end
+
+    def _upload_done(self, task: asyncio.Task[None]) -> None:
+        if task is not self._upload or task.cancelled():
+            return
+        self._upload = None
+        exc = task.exception()
+        if exc is not None:  # the client's body failed, or the upstream stopped reading it
+            self._upload_error = exc
+            self._fail(UpstreamError("the request body could not be sent"))
+
     async def _stream(self, body: AsyncIterator[bytes], declared: int | None) -> bool:
-        """Send a streamed body; False if the upstream answered or went away first."""
+        """Send a streamed body; False if the upstream answered and stopped reading, or left."""
         assert self._transport is not None
         sent = 0
         async for chunk in body:
-            if self.closed or self._exc is not None or self._head_done:
+            if self.closed or self._exc is not None:
                 return False
             if not chunk:
                 continue
@@ -169,6 +194,8 @@ class Connection(asyncio.Protocol):
                 self._transport.write(chunk)
             if self._write_paused:
                 await self._wait_writable()
+                if self._head_done and self._write_paused:  # answered, and reads no more
+                    return False
         if declared is None:
             self._transport.write(b"0\r\n\r\n")
         elif sent != declared:
