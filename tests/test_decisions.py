@@ -81,6 +81,37 @@ def test_decisions_are_cached_per_label() -> None:
     assert decide("$.card") == "deny" and decide.denied
 
 
+def test_route_wide_answer_when_no_rule_can_apply() -> None:
+    """The built-in policy answers once per request for a route none of its rules name; every
+    field is still decided, recorded and audited one by one, and rules elsewhere still bite."""
+    rules = [{"route": "GET /other/*", "roles": ["ops"], "otherwise": "deny"}]
+    pm = pm_with(policy_cfg={"default": "mask", "rules": rules})
+    engine = next(p for p in pm.get_plugins() if isinstance(p, policy.PolicyEngine))
+    assert engine.uniform_outcome(None, ROUTE, "app", None) == "mask"
+    assert engine.uniform_outcome(None, "GET /other/*", "app", None) is None
+    decide = Decider(pm, None, ROUTE, "app", "audit")
+    assert [decide(f) for f in ("$.ssn", "$.card", "$.ssn")] == ["mask", "mask", "mask"]
+    assert decide.decisions == {"$.ssn": "mask", "$.card": "mask"}
+    [event] = decide.audit_events(request_id="r1")
+    assert (event.action, event.outcome, event.fields, event.count) == (
+        "reveal",
+        "masked",
+        ("$.ssn", "$.card"),
+        2,
+    )
+    assert (event.route, event.key, event.purpose, event.request_id) == (
+        ROUTE,
+        "app",
+        "audit",
+        "r1",
+    )
+    other = Decider(pm, None, "GET /other/*", "app", None)
+    assert other("$.ssn") == "deny"
+    # Another authorize implementation: no route-wide shortcut, its answers are asked per field.
+    pm.register(Answer("ciphertext"))
+    assert Decider(pm, None, ROUTE, "app", None)("$.ssn") == "ciphertext"
+
+
 def test_built_in_policy_masks_through_the_hook() -> None:
     pm = pm_with(policy_cfg={"default": "mask", "mask": {"keep_last": 2, "char": "#"}})
     decide = Decider(pm, None, ROUTE, "app", None)

@@ -143,6 +143,25 @@ class PolicyEngine:
             for r in cfg.rules
         )
         self._applicable: dict[tuple[str, str | None, str], _Rule | None] = {}
+        self._ruled_routes: dict[tuple[str, str | None], bool] = {}
+
+    def uniform_outcome(
+        self, principal: Principal | None, route: str, key: str | None, purpose: str | None
+    ) -> str | None:
+        """The default when no rule can apply to any field of this route and key (so every
+        field gets it: one lookup per request instead of a decision per field); else None."""
+        cache_key = (route, key)
+        ruled = self._ruled_routes.get(cache_key)
+        if ruled is None:
+            ruled = any(
+                (rule.key is None or rule.key == key)
+                and (rule.route is None or route_matches(rule.route, route))
+                for rule in self.rules
+            )
+            if len(self._ruled_routes) >= _CACHE_LIMIT:
+                self._ruled_routes.clear()
+            self._ruled_routes[cache_key] = ruled
+        return None if ruled else self.default
 
     def rule_for(self, route: str, key: str | None, field: str) -> _Rule | None:
         cache_key = (route, key, field)
