@@ -246,6 +246,7 @@ class FieldCrypto:
         outcomes: list[tuple[str, str]] = []
         # A policy decider may carry its own masking rules (keep_last, mask char).
         masker: Callable[[str, Any], str] = getattr(decide, "mask", None) or _default_mask
+        vetted: bytes | None = None  # the header whose key and context checks passed
         for container, key, lab in slots:
             value = container[key]
             outcome = decide(lab) if decide is not None else "reveal"
@@ -269,7 +270,11 @@ class FieldCrypto:
                 outcomes.append((lab, "ciphertext"))
                 continue
             try:
-                env, aead = self._check(value, route, context, lab)
+                env = parse(value)
+                if env.header is not vetted:  # tokens of one data key share the header object
+                    self._vet(env, route, context, lab)
+                    vetted = env.header
+                aead = self.keys.cached_for_decrypt(env.wrapped)
                 if aead is None:
                     aead = await self._unwrap(env)
                 plain = decrypt_value(env, aead, lab)
@@ -300,6 +305,11 @@ class FieldCrypto:
     ) -> tuple[Envelope, AESGCM | None]:
         """Parse and vet a token before any key use; the AEAD if its data key is cached."""
         env = parse(token)
+        self._vet(env, route, context, label)
+        return env, self.keys.cached_for_decrypt(env.wrapped)
+
+    def _vet(self, env: Envelope, route: CompiledRoute, context: keys.Context, label: str) -> None:
+        """The token's key, provider and context must be this route's (before any key use)."""
         if route.decrypt_keys is not None and env.key_name not in route.decrypt_keys:
             raise CryptoError(
                 f"field {label} was encrypted under key {env.key_name!r}, not this route's"
@@ -311,7 +321,6 @@ class FieldCrypto:
             raise CryptoError(
                 f"field {label}: encryption context mismatch", code="context_mismatch"
             )
-        return env, self.keys.cached_for_decrypt(env.wrapped)
 
     async def rewrap_body(
         self, body: bytes, specs: Sequence[CompiledField], *, to_key: str
