@@ -211,6 +211,10 @@ def _standalone(number: int) -> None:
         config = sidecrypt_config(d, 1, PORTS["sidecrypt-1"])
         body = orjson.dumps(body_doc())
         enc_body = asyncio.run(_encrypt(config, body))
+        if number <= 0:  # every figure, as the bench prints them
+            for name, us in run(config, body).items():
+                print(f"{name}: {us:.2f}")
+            return
         us = asyncio.run(route_work(config, body, enc_body, number=number))
         print(f"encrypting route work per request (µs): {us:.1f}")
 
@@ -218,4 +222,5 @@ def _standalone(number: int) -> None:
 if __name__ == "__main__":
     import sys
 
+    # python -m bench.micro [N]: the route-work figure over N requests; N = 0: all figures
     _standalone(int(sys.argv[1]) if len(sys.argv) > 1 else 5000)
