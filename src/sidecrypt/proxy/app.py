@@ -33,6 +33,7 @@ from ..errors import (
     UpstreamError,
 )
 from ..events import AuditEvent
+from ..hookcall import DirectHook
 from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers
 from . import admin, forward, tls
@@ -89,11 +90,14 @@ class Proxy:
         self.audit_gate: Callable[[], bool] = lambda: True
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
-        self._audit = pm.hook.sidecrypt_audit
-        self._identify = pm.hook.sidecrypt_identify
+        # Hooks called several times per request go through DirectHook (hookcall.py): pluggy's
+        # order and semantics without its per-call bookkeeping.
+        self._audit = DirectHook(pm.hook.sidecrypt_audit)
+        self._identify = DirectHook(pm.hook.sidecrypt_identify)
+        self._authorize = DirectHook(pm.hook.sidecrypt_authorize)
 
     def audit(self, event: AuditEvent) -> None:
-        self._audit(event=event)
+        self._audit.call1("event", event)
 
     # -- the handler --------------------------------------------------------------------------
 
@@ -217,9 +221,12 @@ class Proxy:
                 code="unsupported_encoding",
             )
         limit = route.max_body_size
-        try:  # a client that stalls mid-body must not hold a buffered request forever
-            async with asyncio.timeout(self.settings.server.body_timeout):
+        try:
+            if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
                 body = await forward.read_limited(request.content, limit, what="request body")
+            else:  # a client that stalls mid-body must not hold a buffered request forever
+                async with asyncio.timeout(self.settings.server.body_timeout):
+                    body = await forward.read_limited(request.content, limit, what="request body")
         except TimeoutError:
             raise RequestError(
                 "the request body did not arrive in time", status=408, code="body_timeout"
@@ -406,7 +413,7 @@ class Proxy:
             request[appkeys.PEER_CERT] = tls.peer_certificate(
                 request.transport.get_extra_info("ssl_object")
             )
-        request[appkeys.PRINCIPAL] = self._identify(request=request)
+        request[appkeys.PRINCIPAL] = self._identify.call1("request", request)
 
     def _decider(self, request: web.Request, route: CompiledRoute) -> Decider:
         """Per-request policy decisions (cached per label); the purpose header is checked here."""
@@ -416,6 +423,7 @@ class Proxy:
             route.label,
             route.key,
             purpose_of(request, self.settings),
+            authorize=self._authorize,
         )
 
 
