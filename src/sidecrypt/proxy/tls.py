@@ -11,6 +11,8 @@ import logging
 import ssl
 from pathlib import Path
 
+from yarl import URL
+
 from ..config import ListenTLS, Upstream
 from ..errors import ConfigError
 from ..identity import PeerCertificate
@@ -88,7 +90,7 @@ def reload_server_context(
 
 def upstream_context(upstream: Upstream, *, source: str | None = None) -> ssl.SSLContext | None:
     """Verified client context for an https upstream; None for plain http."""
-    if not upstream.url.startswith("https:"):
+    if URL(upstream.url).scheme != "https":  # yarl lower-cases: HTTPS:// is https too
         return None
     if upstream.ca is not None:
         _readable(upstream.ca, "upstream.ca", source)

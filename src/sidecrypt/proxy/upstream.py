@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
@@ -86,6 +87,8 @@ class UpstreamPool:
         self._host = url.host or ""
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._ssl = tls.upstream_context(upstream, source=source)
+        if url.scheme == "https" and self._ssl is None:  # never plaintext to an https upstream
+            raise UpstreamError("no TLS context for an https upstream")
         self._connect_timeout = upstream.connect_timeout
         self._read_timeout = upstream.read_timeout
         self._limit = upstream.pool_size
@@ -113,8 +116,9 @@ class UpstreamPool:
         """Send one request and return once the response head has arrived."""
         head, declared = _head(method, target, headers, body)
         replayable = method in REPLAYABLE and (body is None or isinstance(body, bytes))
+        fresh = False
         while True:
-            conn = await self._acquire()
+            conn = await self._acquire(fresh=fresh)
             reused = conn.requests > 0
             try:
                 conn.send(head, body, declared, head_only=method == "HEAD")
@@ -124,6 +128,7 @@ class UpstreamPool:
                 self._discard(conn)
                 if stale and replayable and not isinstance(exc, UpstreamTimeout):
                     replayable = False  # once: a second failure is the upstream's answer
+                    fresh = True
                     continue
                 raise
             return UpstreamResponse(self, conn)
@@ -138,12 +143,14 @@ class UpstreamPool:
         oldest = self._idle[0]
         if oldest.idle_since is not None and now - oldest.idle_since > IDLE_SECONDS:
             self._idle.pop(0)
-            self._discard(oldest)
+            self._discard(oldest, graceful=True)
         self._wake_one()
 
     async def close(self) -> None:
         self._closed = True
-        self._idle.clear()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._discard(conn, graceful=True)
         for conn in list(self._all):
             self._discard(conn)
         while self._waiters:
@@ -153,13 +160,13 @@ class UpstreamPool:
 
     # -- the pool ---------------------------------------------------------------------------
 
-    async def _acquire(self) -> Connection:
+    async def _acquire(self, *, fresh: bool = False) -> Connection:
         if self._closed:
             raise UpstreamError("the upstream pool is closed")
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            while self._idle:
+            while self._idle and not fresh:
                 conn = self._idle.pop()
                 if conn.usable and now - (conn.idle_since or 0.0) < IDLE_SECONDS:
                     return conn
@@ -174,7 +181,8 @@ class UpstreamPool:
                 if waiter.done() and not waiter.cancelled():
                     self._wake_one()  # the slot we were handed goes to the next in line
                 else:
-                    self._waiters.remove(waiter)
+                    with contextlib.suppress(ValueError):  # close() or a wake took it already
+                        self._waiters.remove(waiter)
                 raise
 
     async def _connect(self) -> Connection:
@@ -204,8 +212,8 @@ class UpstreamPool:
         self._all.add(conn)
         return conn
 
-    def _discard(self, conn: Connection) -> None:
-        conn.close()
+    def _discard(self, conn: Connection, *, graceful: bool = False) -> None:
+        conn.close(graceful=graceful)
         if conn in self._all:
             self._all.discard(conn)
             self._wake_one()

@@ -53,6 +53,9 @@ class Connection(asyncio.Protocol):
         self._complete = False
         self._keep_alive = False
         self._sent = False
+        self._answered_early = False
+        self._since_body = 0
+        self._body_seen = False
         self._upload: asyncio.Task[None] | None = None
         self._upload_error: BaseException | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -76,6 +79,7 @@ class Connection(asyncio.Protocol):
             self._complete
             and self._keep_alive
             and self._sent
+            and not self._answered_early
             and self._exc is None
             and not self._chunks
             and self.usable
@@ -86,13 +90,18 @@ class Connection(asyncio.Protocol):
         self._busy = False
         self.idle_since = now
 
-    def close(self) -> None:
+    def close(self, *, graceful: bool = False) -> None:
+        """Abort unless ``graceful`` (an idle, clean connection): a connection thrown away
+        mid-exchange must not linger flushing a body to an upstream that stopped reading."""
         if self._upload is not None:
             self._upload.cancel()
         self._busy = False
         self.idle_since = None
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+            if graceful:
+                self._transport.close()
+            else:
+                self._transport.abort()
 
     def send(
         self,
@@ -156,6 +165,8 @@ class Connection(asyncio.Protocol):
         self.nothing_received = True
         self._busy = True
         self._head_done = self._complete = self._sent = self._informational = False
+        self._answered_early = False
+        self._since_body = 0
         self._keep_alive = self._until_eof = False
         self._head_only = head_only
         self._upload_error = None
@@ -193,8 +204,13 @@ class Connection(asyncio.Protocol):
             else:
                 self._transport.write(chunk)
             if self._write_paused:
-                await self._wait_writable()
-                if self._head_done and self._write_paused:  # answered, and reads no more
+                try:
+                    await self._wait_writable()
+                except UpstreamTimeout:
+                    if self._head_done:  # answered and reads no more: stop, keep the answer
+                        return False
+                    raise
+                if self._complete:  # answered in full while we were uploading
                     return False
         if declared is None:
             self._transport.write(b"0\r\n\r\n")
@@ -228,6 +244,8 @@ class Connection(asyncio.Protocol):
         if self._waiter is None or self._waiter.done():
             return
         deadline = self._last_read + self._read_timeout
+        if self._upload is not None:  # still uploading: _wait_writable bounds a stalled upstream
+            deadline = max(deadline, self._loop.time() + self._read_timeout)
         if self._loop.time() < deadline:  # data arrived since the timer was set
             self._timer = self._loop.call_at(deadline, self._on_timer)
             return
@@ -273,14 +291,25 @@ class Connection(asyncio.Protocol):
             if self._head_bytes_raw > MAX_HEAD:
                 self._fail(UpstreamError("the upstream response head is larger than 64 KiB"))
                 return
+        elif not self._complete:
+            # Chunk framing, extensions and trailers are buffered by llhttp too: bound the bytes
+            # that arrive without any body progress.
+            if self._body_seen:
+                self._body_seen = False
+                self._since_body = 0
+            else:
+                self._since_body += len(data)
+                if self._since_body > MAX_HEAD:
+                    self._fail(UpstreamError("the upstream sent over 64 KiB of body framing"))
+                    return
         elif self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)  # an early answer ends the upload (see _stream)
+            self._drain.set_result(None)  # a complete early answer ends the upload (_stream)
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._busy and not self._complete and self._exc is None:
-            if self._head_done and self._until_eof:
+            if self._head_done and self._until_eof and exc is None:
                 self._complete = True  # a body delimited by the end of the connection
             elif self._head_done:
                 self._exc = UpstreamError("the upstream closed the connection mid-response")
@@ -307,10 +336,11 @@ class Connection(asyncio.Protocol):
             raise self._exc
         self._raw = []
         self._head_bytes = 0
+        self.reason = ""
 
     def on_status(self, status: bytes) -> None:
         self._head_bytes += len(status)
-        self.reason = status.decode("latin-1")
+        self.reason += status.decode("latin-1")  # may arrive in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:
@@ -334,15 +364,18 @@ class Connection(asyncio.Protocol):
         self.status = status
         self.headers = headers = CIMultiDict(self._raw)
         self._head_done = True
+        self._answered_early = not self._sent  # the rest of the upload is not in step: no reuse
         if self._head_only:  # HEAD: no body whatever the head says; llhttp cannot be told
             self._complete = True
         elif status not in (204, 304):
-            chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+            codings = ",".join(headers.getall("Transfer-Encoding", ())).lower().split(",")
+            chunked = codings[-1].strip() == "chunked"
             self._until_eof = not chunked and "Content-Length" not in headers
 
     def on_body(self, body: bytes) -> None:
         if self._head_only:
             return
+        self._body_seen = True
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._reading_paused and self._transport:
