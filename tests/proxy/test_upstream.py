@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
@@ -31,11 +32,13 @@ from tests.proxy.raw_upstream import (
 
 from sidecrypt.config import Upstream
 from sidecrypt.errors import RequestError, UpstreamError, UpstreamTimeout
+from sidecrypt.proxy import tls
 from sidecrypt.proxy.upstream import UpstreamPool, UpstreamResponse
 
 MB = 1024 * 1024
 BIG = 20 * MB
 PIECE = 64 * 1024
+READ_ANY = 64 * 1024
 MAX_LEAD = 8 * MB  # body bytes a producer may run ahead of the server's reader (socket buffers)
 
 
@@ -296,6 +299,11 @@ TRUNCATED = {
         b"a\r\n0123456789\r\n",
     ),
     "mid-chunk": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"64\r\n0123456789"),
+    # chunked is the last coding across all Transfer-Encoding headers, not just the first one
+    "chunked-in-second-te-header": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"a\r\n0123456789\r\n",
+    ),
 }
 
 
@@ -1075,6 +1083,215 @@ async def test_close_closes_idle_connections() -> None:
         await pool.close()
         assert pool.open_count == 0 and pool.idle_count == 0
         await assert_closed_by_pool(up.connections[0])
+
+
+# -- regressions from the security review -------------------------------------------------------
+
+
+async def test_https_scheme_in_upper_case_is_still_tls() -> None:
+    """``HTTPS://`` is https: the request must never go out in plaintext."""
+
+    async def script(conn: RawConn) -> None:  # a plain server: record what arrives, hang up
+        conn.received += await conn.reader.read(READ_ANY)
+
+    async with RawUpstream(script) as up:
+        url = f"HTTPS://127.0.0.1:{up.port}"
+        async with pool_for(url, connect_timeout=2.0, read_timeout=2.0) as pool:
+            with pytest.raises(UpstreamError):
+                await asyncio.wait_for(
+                    get(
+                        pool,
+                        method="POST",
+                        headers=[("Authorization", "Bearer SECRET")],
+                        body=b'{"card": "4111"}',
+                    ),
+                    10,
+                )
+        received = bytes(up.connections[0].received)
+        assert b"POST /" not in received and b"Authorization" not in received
+        assert received[:1] in (b"", b"\x16"), received[:16]  # a TLS ClientHello, or nothing
+    assert tls.upstream_context(Upstream(url="HTTPS://h")) is not None
+
+
+async def test_endless_trailer_is_an_error_not_a_hang() -> None:
+    async def script(conn: RawConn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+        await conn.send(b"0\r\nX-Trailer: ")
+        for _ in range(64):  # 1 MiB of one trailer line, never finished
+            await conn.send(b"a" * 16 * 1024)
+        await conn.read_until_eof()
+
+    async with setup(script) as (up, pool):
+        resp = await get(pool)
+        with raises_502():
+            await asyncio.wait_for(resp.read(), 10)
+        resp.release()
+        assert pool.open_count == 0
+        await assert_closed_by_pool(up.connections[0])
+
+
+async def test_a_connection_discarded_mid_exchange_is_aborted_not_flushed() -> None:
+    """A cancelled request's unsent body is dropped, not left flushing to a stalled upstream."""
+    total = 16 * MB
+    head_in, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def script(conn: RawConn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")  # the head; the body stays unread...
+        head_in.set()
+        await cancelled.wait()
+        await conn.read_until_eof()  # ...until the pool has given the connection up
+
+    async with setup(script, server={"rcvbuf": 64 * 1024}, read_timeout=30.0) as (up, pool):
+        task = asyncio.create_task(get(pool, method="POST", body=b"x" * total))
+        await asyncio.wait_for(head_in.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.open_count == 0 and pool.idle_count == 0
+        cancelled.set()
+        conn = up.connections[0]
+        await until(lambda: conn.eof, "the server sees the connection end")
+        # only what the kernel had already taken arrives; a flushing close sends all 16 MiB
+        assert len(conn.received) < total, len(conn.received)
+
+
+async def test_read_timeout_does_not_run_during_a_slow_upload() -> None:
+    pieces = 6
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(pieces):  # 0.9 s of steady upload, with read_timeout 0.3 s
+            if i:
+                await asyncio.sleep(0.15)
+            yield b"x" * 1000
+
+    async with setup(serve(response(200, b"ok")), read_timeout=0.3) as (up, pool):
+        assert await fetch(pool, method="POST", body=body()) == (200, b"ok")
+        assert up.connections[0].requests[0].body == b"x" * 1000 * pieces
+
+
+async def test_full_duplex_upstream_gets_the_whole_upload() -> None:
+    """An upstream that answers and echoes while still reading the body (progress, echo)."""
+    count = 128  # 8 MiB in 64 KiB pieces: the upload is paused by backpressure many times
+
+    async def script(conn: RawConn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")
+        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while True:
+            size = int((await conn.reader.readuntil(b"\r\n"))[:-2], 16)
+            data = await conn.reader.readexactly(size)
+            await conn.reader.readexactly(2)
+            if size == 0:
+                break
+            conn.body_received += size
+            await conn.send(b"%x\r\n%b\r\n" % (16, data[:16]))  # echo while reading
+        await conn.send(b"0\r\n\r\n")
+        await conn.read_until_eof()
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(count):
+            yield bytes([i]) * PIECE
+
+    server = {"rcvbuf": 64 * 1024}
+    async with setup(script, server=server, read_timeout=2.0) as (up, pool):
+        resp = await asyncio.wait_for(get(pool, method="POST", body=body()), 10)
+        assert resp.status == 200
+        echo = await asyncio.wait_for(resp.read(), 10)
+        resp.release()
+        assert echo == b"".join(bytes([i]) * 16 for i in range(count))
+        assert up.connections[0].body_received == count * PIECE
+
+
+async def test_answered_before_the_body_was_sent_is_not_reused_when_released_late() -> None:
+    head_seen = asyncio.Event()
+
+    async def script(conn: RawConn) -> None:
+        if conn.index > 0:
+            await serve(response(200, b"fine"))(conn)
+            return
+        await conn.reader.readuntil(b"\r\n\r\n")
+        await conn.send(response(403, b"no"))  # keep-alive allowed, before the body
+        while piece := await conn.reader.read(READ_ANY):  # reads the body, answers no more
+            conn.received += piece
+        conn.eof = True
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"part one"
+        await head_seen.wait()  # the pool has the answer before the rest of the body goes out
+        yield b"part two"
+
+    async with setup(script) as (up, pool):
+        resp = await asyncio.wait_for(get(pool, method="POST", body=body()), 10)
+        head_seen.set()
+        assert resp.status == 403
+        assert await resp.read() == b"no"
+        conn = up.connections[0]
+        await until(lambda: conn.received.endswith(b"0\r\n\r\n"), "the upload finishes")
+        resp.release()  # a slow caller: the upload ended before the release
+        assert pool.open_count == 0 and pool.idle_count == 0
+        await assert_closed_by_pool(conn)
+        assert await fetch(pool) == (200, b"fine")
+        assert up.accepted == 2
+
+
+async def test_a_waiter_cancelled_as_a_slot_frees_raises_cancelled_error() -> None:
+    gate = asyncio.Event()
+    gate.set()
+    async with setup(gated(gate), pool_size=1) as (up, pool):
+        first = await get(pool, "/1")
+        assert await first.read() == b"ok"
+        waiter = asyncio.create_task(get(pool, "/2"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiter.done()
+        waiter.cancel()
+        first.release()  # the same loop turn: the slot frees and the waiter is woken
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert pool.open_count == 1 and pool.idle_count == 1
+        assert await asyncio.wait_for(fetch(pool, "/3"), 5) == (200, b"ok")
+        assert up.accepted == 1 and pool.open_count == 1
+
+
+async def test_body_delimited_by_close_but_ended_by_a_reset_is_truncated() -> None:
+    seen_head = asyncio.Event()
+
+    async def script(conn: RawConn) -> None:
+        if conn.index > 0:
+            await serve(response(200, b"fine"))(conn)
+            return
+        await conn.read_request()
+        await conn.send(b'HTTP/1.1 200 OK\r\n\r\n{"partial":')
+        await seen_head.wait()
+        sock = conn.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.abort()  # closed with SO_LINGER 0: a reset, not a FIN
+
+    async with setup(script) as (up, pool):
+        resp = await get(pool)
+        assert resp.status == 200 and resp.content_length is None
+        seen_head.set()
+        with raises_502():
+            await asyncio.wait_for(resp.read(), 10)
+        resp.release()
+        assert pool.open_count == 0
+        assert await fetch(pool) == (200, b"fine")
+        assert up.accepted == 2
+
+
+async def test_reason_phrase_split_across_reads_is_kept_whole() -> None:
+    async def script(conn: RawConn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 Every")
+        await until(lambda: any(not c.nothing_received for c in pool._all), "the pool reads it")
+        await conn.send(b"thing Is Fine\r\nContent-Length: 2\r\n\r\nok")
+        await conn.read_until_eof()
+
+    async with setup(script) as (_up, pool):
+        resp = await get(pool)
+        assert (resp.status, resp.reason) == (200, "Everything Is Fine")
+        assert await resp.read() == b"ok"
+        resp.release()
 
 
 # -- the same scenarios on uvloop (sidecrypt's production loop) ----------------------------------
