@@ -407,6 +407,9 @@ async def test_plain_member_chains_walk_directly_and_are_guarded(crypto: FieldCr
     """Chains like $.a and $.c.d take the direct walk; nested or repeated chains still resolve
     as the general selectors do (outer slot encrypted whole, each slot once)."""
     specs = compile_fields(["$.a", "$.c.d"])
+    assert specs.direct is not None  # worked out once, at compile time
+    assert compile_fields(["$.card.number", "$.card"]).direct is None
+    assert compile_fields(["$.a", "$..b"]).direct is None
     assert_no_plaintext({"a": "sc1.x", "c": {"d": "sc1.y"}}, specs)
     assert_no_plaintext({"c": "not a dict"}, specs)  # nothing reached, nothing to guard
     with pytest.raises(PlaintextGuardError, match=r"\$\.c\.d"):

@@ -34,7 +34,7 @@ from ..envelope import (
 )
 from ..errors import AccessDenied, CryptoError, PluginError, RequestError, SidecryptError
 from ..selectors import label as path_label
-from .routes import CompiledField, CompiledRoute, adhoc_route
+from .routes import CompiledField, CompiledRoute, DirectPlan, FieldList, adhoc_route
 
 Decide = Callable[[str], str]
 mask = default_mask  # strings of 8+ characters keep their last 4; anything else is "****"
@@ -82,33 +82,6 @@ def _find(doc: Any, spec: CompiledField) -> list[tuple[Any, str | int, tuple[str
     return [(c, k, p, fixed or _label(p)) for c, k, p in spec.selector.slots(doc)]
 
 
-# (parent member chain, last member, label, spec) for field lists that are plain member chains,
-# none equal to or a prefix of another: no dedup or nesting to resolve, a direct walk suffices.
-_Plan = tuple[tuple[tuple[str, ...], str, str, CompiledField], ...]
-_plans: dict[int, tuple[Sequence[CompiledField], _Plan | None]] = {}
-
-
-def _simple_plan(specs: Sequence[CompiledField]) -> _Plan | None:
-    """The direct walk for ``specs`` (memoised per field list: routes hold them for life)."""
-    hit = _plans.get(id(specs))
-    if hit is not None and hit[0] is specs:
-        return hit[1]
-    chains = [spec.members for spec in specs]
-    plan: _Plan | None = None
-    if all(c is not None for c in chains):
-        ok = [c for c in chains if c is not None]
-        nested = any(a[: len(b)] == b for i, a in enumerate(ok) for j, b in enumerate(ok) if i != j)
-        if not nested:
-            plan = tuple(
-                (c[:-1], c[-1], spec.fixed_label or "", spec)
-                for c, spec in zip(ok, specs, strict=True)
-            )
-    if len(_plans) >= 1024:
-        _plans.clear()
-    _plans[id(specs)] = (specs, plan)
-    return plan
-
-
 def _walk(doc: Any, parents: tuple[str, ...], last: str) -> Any:
     """The dict holding ``last`` at the end of a member chain, or None."""
     node = doc
@@ -119,8 +92,13 @@ def _walk(doc: Any, parents: tuple[str, ...], last: str) -> Any:
     return node if isinstance(node, dict) and last in node else None
 
 
+def _direct(specs: Sequence[CompiledField]) -> DirectPlan | None:
+    """The plan compile_fields worked out (a plain sequence, as tests pass, has none)."""
+    return specs.direct if isinstance(specs, FieldList) else None
+
+
 def _collect(doc: Any, specs: Sequence[CompiledField], *, encrypting: bool) -> list[_Slot]:
-    plan = _simple_plan(specs)
+    plan = _direct(specs)
     if plan is not None:
         out: list[_Slot] = []
         for parents, last, lab, spec in plan:
@@ -154,7 +132,7 @@ def _collect(doc: Any, specs: Sequence[CompiledField], *, encrypting: bool) -> l
 
 def assert_no_plaintext(body_obj: Any, specs: Sequence[CompiledField]) -> None:
     """Every slot a selector reaches must hold a token; raise naming the path otherwise."""
-    plan = _simple_plan(specs)
+    plan = _direct(specs)
     if plan is not None:
         for parents, last, _, spec in plan:
             node = _walk(body_obj, parents, last)

@@ -36,7 +36,39 @@ class CompiledField:
     fixed_label: str | None = None  # bind_as, or the label of a plain member chain
 
 
-def compile_fields(specs: Sequence[config.FieldSpec | str]) -> tuple[CompiledField, ...]:
+# (parent member chain, last member, label, field) per field: see FieldList.direct.
+DirectPlan = tuple[tuple[tuple[str, ...], str, str, CompiledField], ...]
+
+
+class FieldList(tuple[CompiledField, ...]):
+    """A route's compiled fields, with ``direct`` worked out once.
+
+    ``direct`` is set when every field is a plain member chain and none equals or extends
+    another: then the slots are found by walking each chain, with no dedup or nesting to
+    resolve (fields.py). Otherwise it is None and the general selector walk runs.
+    """
+
+    direct: DirectPlan | None
+
+    def __new__(cls, fields: Sequence[CompiledField] = ()) -> FieldList:
+        self = super().__new__(cls, fields)
+        self.direct = _direct_plan(self)
+        return self
+
+
+def _direct_plan(fields: Sequence[CompiledField]) -> DirectPlan | None:
+    chains = [f.members for f in fields]
+    if not all(chains):
+        return None
+    plain = [c for c in chains if c]
+    if any(a[: len(b)] == b for i, a in enumerate(plain) for j, b in enumerate(plain) if i != j):
+        return None
+    return tuple(
+        (c[:-1], c[-1], f.fixed_label or "", f) for c, f in zip(plain, fields, strict=True)
+    )
+
+
+def compile_fields(specs: Sequence[config.FieldSpec | str]) -> FieldList:
     """Config field specs (or bare selector strings, for the offline CLI) -> compiled fields."""
     out = []
     for spec in specs:
@@ -46,7 +78,7 @@ def compile_fields(specs: Sequence[config.FieldSpec | str]) -> tuple[CompiledFie
         members = tuple(arg for _, arg in selector.steps) if selector.is_simple else None
         fixed = spec.bind_as or (label(members) if members is not None else None)
         out.append(CompiledField(spec.path, selector, spec.required, spec.bind_as, members, fixed))
-    return tuple(out)
+    return FieldList(out)
 
 
 @dataclass(frozen=True, slots=True)
