@@ -1010,6 +1010,19 @@ async def test_header_with_line_break_is_refused_and_nothing_sent(
         assert [r.target for c in up.connections for r in c.requests] == ["/after"]
 
 
+async def test_unencodable_head_is_refused_without_echoing_it() -> None:
+    """A lone surrogate outside surrogateescape's range cannot be sent; the error must not carry
+    the head (UnicodeEncodeError's args would hold all of it, Authorization included)."""
+    async with setup(serve(response(200, b"ok"))) as (up, pool):
+        headers = [("Authorization", "Bearer CANARY-SECRET"), ("X-Bad", "\ud800")]
+        with pytest.raises(UpstreamError) as info:
+            await get(pool, headers=headers)
+        assert "CANARY-SECRET" not in repr(info.value) and info.value.__cause__ is None
+        assert info.value.__suppress_context__
+        assert await fetch(pool, "/after") == (200, b"ok")
+        assert [r.target for c in up.connections for r in c.requests] == ["/after"]
+
+
 async def test_target_with_line_break_is_refused() -> None:
     async with setup(serve(response(200, b"ok"))) as (up, pool):
         with pytest.raises((ValueError, UpstreamError)):

@@ -51,7 +51,7 @@ class UpstreamResponse:
     @property
     def content_length(self) -> int | None:
         value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        return int(value) if value is not None and value.isascii() and value.isdigit() else None
 
     @property
     def content_type(self) -> str:
@@ -244,7 +244,7 @@ def _head(
     for name, value in headers:
         lname = name.lower()
         if lname in FRAMING:
-            if lname == "content-length" and value.isdigit():
+            if lname == "content-length" and value.isascii() and value.isdigit():
                 declared = int(value)
             continue
         lines.append(f"{name}: {value}\r\n")
@@ -262,5 +262,12 @@ def _head(
     text = "".join(lines)
     # Every line ends in exactly one CRLF: a CR or LF inside a value would split the message.
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
-        raise ValueError("request line or header values must not contain CR or LF")
-    return text.encode("utf-8", "surrogateescape"), declared
+        raise UpstreamError(
+            "a header or the target holds CR or LF: not sent", code="bad_request_head"
+        )
+    try:
+        return text.encode("utf-8", "surrogateescape"), declared
+    except UnicodeEncodeError:  # its args would carry the whole head, Authorization included
+        raise UpstreamError(
+            "the request head cannot be encoded: not sent", code="bad_request_head"
+        ) from None
