@@ -111,7 +111,7 @@ class Connection(asyncio.Protocol):
         *,
         head_only: bool,
     ) -> None:
-        """Write one request; a streamed body goes on in a task of its own (see :meth:`_upload`).
+        """Write one request; a streamed body goes on in a task of its own (:meth:`_upload_body`).
 
         The upstream may answer before the body is sent (a 401 or 413 while the client is still
         uploading, or stalled): its answer must reach the client then, as it would without us.
