@@ -268,8 +268,8 @@ class Metrics:
         """A proxied request finished (``appkeys.REQUEST_OBSERVERS``).
 
         Recorded as a tuple and folded into the instruments in batches (at every collection,
-        through _Flusher, and every FLUSH_EVERY requests): updating prometheus instruments inline measured ~19 µs
-        per request under load, batched it is a list append on the request path.
+        through _Flusher, and every FLUSH_EVERY requests): updating prometheus instruments
+        inline measured ~19 µs per request under load; batched it is a list append.
         """
         pending = self._pending
         pending.append(

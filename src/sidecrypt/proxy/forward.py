@@ -28,8 +28,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-STREAM_CHUNK = 64 * 1024
-
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     values = headers.getall("Connection", ())
