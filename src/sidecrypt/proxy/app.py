@@ -466,7 +466,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
     app[PROXY_KEY] = proxy
     app[appkeys.ADMIN] = admin.create_admin_app(app)
     app.cleanup_ctx.append(_lifespan)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app[CATCH_ALL_KEY] = app.router.add_route("*", "/{tail:.*}", proxy.handle)
     app[appkeys.REQUEST_OBSERVERS] = proxy.observers
     pm.hook.sidecrypt_app(app=app, settings=settings)
     # The audit plugin installs a fast gate: refuse key use before it happens, not after.
@@ -475,6 +475,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
 
 
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("sidecrypt.proxy_state")
+CATCH_ALL_KEY: web.AppKey[web.AbstractRoute] = web.AppKey("sidecrypt.catch_all_route")
 
 
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:

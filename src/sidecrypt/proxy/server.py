@@ -19,8 +19,8 @@ from aiohttp import web
 from .. import appkeys
 from ..config import Settings, parse_address
 from ..plugin_manager import describe_plugins, make_plugin_manager
-from . import tls
-from .app import create_app
+from . import dispatch, tls
+from .app import CATCH_ALL_KEY, PROXY_KEY, create_app
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ async def start(
         access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
     )
     await runner.setup()
+    dispatch.install(runner, app[CATCH_ALL_KEY], app[PROXY_KEY].handle)
     host, port = parse_address(settings.listen.address)
     site = web.TCPSite(
         runner,
