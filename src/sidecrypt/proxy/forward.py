@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -36,6 +37,17 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     return frozenset(t.strip().lower() for v in values for t in v.split(","))
 
 
+@functools.lru_cache(maxsize=64)
+def _skipped(drop: frozenset[str], keep_length: bool, identity_encoding: bool) -> frozenset[str]:
+    """Lower-case names never copied upstream, worked out once per proxy and body treatment."""
+    skip = set(HOP_BY_HOP) | {"host"} | drop
+    if not keep_length:  # the body is replaced: its length and coding are the pool's to set
+        skip |= {"content-length", "content-encoding"}
+    if identity_encoding:  # replaced by "identity" below
+        skip.add("accept-encoding")
+    return frozenset(skip)
+
+
 def request_headers(
     request: web.Request,
     *,
@@ -50,23 +62,21 @@ def request_headers(
     A plain list in the client's order: the upstream pool writes it as it is (and owns framing).
     """
     src = request.headers
+    skip = _skipped(drop, keep_length, identity_encoding)
     extra = _connection_tokens(src)
     out: list[tuple[str, str]] = []
     prior: list[str] = []
     for name, value in src.items():
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in extra or lname == "host" or lname in drop:
+        if lname in skip or lname in extra:
             continue
-        if lname.startswith("x-sidecrypt-"):  # sidecrypt's own namespace (identity headers)
-            continue
-        if not keep_length and lname in ("content-length", "content-encoding"):  # body replaced
-            continue
-        if lname.startswith("x-forwarded-"):
-            if lname == "x-forwarded-for":
-                prior.append(value)
-            continue
-        if identity_encoding and lname == "accept-encoding":
-            continue
+        if lname.startswith("x-"):
+            if lname.startswith("x-sidecrypt-"):  # sidecrypt's own namespace (identity headers)
+                continue
+            if lname.startswith("x-forwarded-"):
+                if lname == "x-forwarded-for":
+                    prior.append(value)
+                continue
         out.append((name, value))
     host = src.get("Host", "")
     out.append(("Host", host if preserve_host and host else upstream_host))
