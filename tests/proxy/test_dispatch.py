@@ -228,16 +228,33 @@ async def test_identify_sees_the_proxy_app_and_its_route(make_env: MakeEnv, fast
     assert handler == app[PROXY_KEY].handle
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CatchAll builds its match info with an empty dict: the router gives {'tail': ...}",
-)
 async def test_match_info_holds_the_tail_like_the_router(make_env: MakeEnv) -> None:
     recorder = IdentifyRecorder()
     proxy, up, client = await make_env(recorder)
     assert isinstance(request_handler(proxy), dispatch.CatchAll)
     await roundtrip(proxy, up, client)
     assert recorder.seen[0][3] == {"tail": "docs"}  # what the application router hands over
+
+
+class MatchInfoWriter:
+    """Writes into each request's match info: nothing may carry over to the next request."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+
+    @hookimpl
+    def sidecrypt_identify(self, request: web.Request) -> None:
+        self.seen.append(dict(request.match_info))
+        request.match_info["written"] = "by an earlier request"
+
+
+async def test_match_info_is_fresh_per_request(make_env: MakeEnv) -> None:
+    writer = MatchInfoWriter()
+    proxy, up, client = await make_env(writer)
+    assert isinstance(request_handler(proxy), dispatch.CatchAll)
+    await roundtrip(proxy, up, client)
+    await roundtrip(proxy, up, client)
+    assert writer.seen == [{"tail": "docs"}, {"tail": "docs"}]
 
 
 # -- 4. Expect: 100-continue ----------------------------------------------------------------
@@ -404,3 +421,22 @@ async def test_malformed_requests_get_aiohttp_answers_and_serving_goes_on(
     assert up.seen == []
     await roundtrip(proxy, up, client)
     assert isinstance(request_handler(proxy), dispatch.CatchAll)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/docs", "/a/b/c", "/a%20b", "/a%2Fb/c", "/%25", "/users/1?x=%2F", "/caf%C3%A9", "/a;b"],
+)
+async def test_match_info_equals_the_routers_for_any_path(path: str) -> None:
+    app = web.Application()
+    seen: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.match_info))
+        return web.Response()
+
+    route = app.router.add_route("*", "/{tail:.*}", handler)
+    catch_all = dispatch.CatchAll(app, route, handler)
+    await catch_all(make_mocked_request("GET", path, app=app))
+    expected = await app.router.resolve(make_mocked_request("GET", path, app=app))
+    assert seen == [dict(expected)]

@@ -3,7 +3,7 @@
 ``web.Application._handle`` resolves every request against the router, builds and freezes a
 match-info object and looks for middlewares: ~8 µs of the ~45 µs aiohttp's server spends on a
 request (bench/PROFILE.md, round 3). The proxy app has a single catch-all resource, so the answer
-is always the same: :class:`CatchAll` hands every request the one frozen match info and calls the
+is always the same: :class:`CatchAll` asks that one resource for the match and calls the
 handler directly. ``request.app``, ``request.match_info.route`` and ``on_response_prepare``
 signals keep working. Anything else (a plugin that added routes or middlewares to the proxy app,
 an ``Expect`` header) goes through the application as before.
@@ -29,17 +29,29 @@ class CatchAll:
     """A request handler for ``web.Server`` equivalent to ``app._handle`` for a one-route app."""
 
     def __init__(self, app: web.Application, route: web.AbstractRoute, handler: Handler) -> None:
-        match_info = UrlMappingMatchInfo({}, route)
-        match_info.add_app(app)
-        match_info.freeze()
-        self._match_info = match_info
+        self._app = app
+        self._route = route
+        self._resource = route.resource
         self._handler = handler
         self._app_handle: Handler = app._handle
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        if hdrs.EXPECT in request.headers:  # 100-continue: the application's expect handler
+        if hdrs.EXPECT in request.headers or self._resource is None:  # 100-continue and such
             return await self._app_handle(request)
-        request._match_info = self._match_info
+        # The match the router would give ({"tail": ...}), fresh per request so nothing a plugin
+        # writes to it outlives the request. A path without escapes matches "/{tail:.*}" as it
+        # is; anything else asks the resource itself (its regex and unquoting rules).
+        raw = request.rel_url.raw_path
+        match_info: UrlMappingMatchInfo | None
+        if raw[:1] == "/" and "%" not in raw:
+            match_info = UrlMappingMatchInfo({"tail": raw[1:]}, self._route)
+        else:
+            match_info, _ = await self._resource.resolve(request)
+            if match_info is None:
+                return await self._app_handle(request)
+        match_info.add_app(self._app)
+        match_info.freeze()
+        request._match_info = match_info
         return await self._handler(request)
 
 
