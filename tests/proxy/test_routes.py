@@ -198,3 +198,28 @@ def test_adhoc_route_for_the_offline_cli() -> None:
     assert r.decrypt_keys == frozenset({"app"})
     assert adhoc_route("app", ["$.a"], any_key=True).decrypt_keys is None
     assert not adhoc_route("app", ["$.a"]).has_context
+
+
+@pytest.mark.parametrize(
+    ("path", "matches"),
+    [
+        ("/accounts/7", True),
+        ("/ACCOUNTS/7", True),  # ASP.NET/IIS route case-insensitively
+        ("/Accounts/7", True),
+        ("/accounts/7/", True),
+        ("/accounts;jsessionid=x/7", True),
+        ("/accounts/7;v=1", True),
+        ("/ACCOUNTS;x=1/7/", True),
+        ("/accounts/8", False),
+        ("/1/2", False),  # no cased characters: nothing to retry
+        ("/", False),
+    ],
+)
+def test_the_retry_form_catches_what_upstreams_normalise(path: str, matches: bool) -> None:
+    r = router(route("/accounts/7"))
+    assert (hit(r, "GET", path) is not None) is matches
+
+
+def test_the_retry_form_lower_cases_non_ascii_too() -> None:
+    r = router(route("/café/1"))
+    assert hit(r, "GET", "/CAFÉ/1") == (0, {})
