@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import zlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp.http import HttpProcessingError
+from multidict import CIMultiDictProxy
 
 from ..errors import RequestError, SidecryptError
 
@@ -92,10 +94,13 @@ def request_headers(
 
 def response_headers(
     headers: CIMultiDictProxy[str], *, keep_length: bool, decoded: bool = False
-) -> CIMultiDict[str]:
-    """Headers for the client; ``decoded``: the body is sent without its Content-Encoding."""
+) -> list[tuple[str, str]]:
+    """Headers for the client; ``decoded``: the body is sent without its Content-Encoding.
+
+    A plain list: aiohttp's response copies whatever it is given into its own multidict.
+    """
     extra = _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
+    out: list[tuple[str, str]] = []
     for name, value in headers.items():
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in extra:
@@ -104,7 +109,7 @@ def response_headers(
             continue
         if decoded and lname == "content-encoding":
             continue
-        out.add(name, value)
+        out.append((name, value))
     return out
 
 
@@ -162,9 +167,30 @@ async def read_limited(stream: Readable, limit: int, *, what: str) -> bytes:
         chunks.append(chunk)
 
 
-async def iter_body(stream: Readable) -> AsyncIterator[bytes]:
+async def iter_body(stream: Readable, idle_timeout: float | None = None) -> AsyncIterator[bytes]:
+    """A client's body as it arrives, for a streamed upload.
+
+    ``idle_timeout`` bounds each wait for the next piece, not the whole body: a large upload that
+    keeps moving takes as long as it needs, one that stalls is refused (408). A body the client
+    breaks (reset, bad chunk framing, short of its Content-Length) becomes a 400: either way a
+    RequestError, answered as JSON, never aiohttp's bare 500.
+    """
     while True:
-        chunk = await stream.readany()
+        try:
+            if idle_timeout is None:
+                chunk = await stream.readany()
+            else:
+                async with asyncio.timeout(idle_timeout):
+                    chunk = await stream.readany()
+        except TimeoutError:  # before OSError: TimeoutError is one
+            raise RequestError(
+                "the request body did not arrive in time", status=408, code="body_timeout"
+            ) from None
+        except (HttpProcessingError, OSError) as exc:  # their text may quote the client's bytes
+            raise RequestError(
+                f"the request body could not be read ({type(exc).__name__})",
+                code="bad_request_body",
+            ) from None
         if not chunk:
             return
         yield chunk
