@@ -45,7 +45,9 @@ def main() -> int:
 
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 6.0
     profile = uvloop.run(_run(sys.argv[1], seconds))
-    pstats.Stats(profile).sort_stats("tottime").print_stats(40)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(
+        int(__import__("os").environ.get("NSTATS", "40"))
+    )
     return 0
 
 
