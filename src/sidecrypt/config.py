@@ -123,7 +123,11 @@ class Server(Model):
     )
     backlog: int = Field(1024, ge=16)
     access_log: bool = False
-    body_timeout: float = Field(60.0, gt=0, description="seconds to receive a body we buffer")
+    body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds to receive a body we buffer; for a streamed one, the longest pause",
+    )
 
 
 class Upstream(Model):
@@ -135,6 +139,9 @@ class Upstream(Model):
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(60.0, gt=0)
     pool_size: int = Field(256, ge=1)
+    pool_timeout: float = Field(
+        10.0, gt=0, description="seconds a request waits for a free pooled connection (504 beyond)"
+    )
     preserve_host: bool = False
 
     @field_validator("url")

@@ -307,7 +307,7 @@ class Proxy:
         elif request.content_length is not None and request.content_length <= SMALL_BODY:
             data = await request.read()
         else:
-            data = forward.iter_body(request.content)
+            data = forward.iter_body(request.content, self.settings.server.body_timeout)
         target = forward.upstream_target(self.base_path, request.raw_path)
         started = time.perf_counter()
         upstream = await self.pool.request(request.method, target, headers, data)

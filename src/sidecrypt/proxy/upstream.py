@@ -92,6 +92,7 @@ class UpstreamPool:
         self._connect_timeout = upstream.connect_timeout
         self._read_timeout = upstream.read_timeout
         self._limit = upstream.pool_size
+        self._pool_timeout = upstream.pool_timeout
         self._idle: list[Connection] = []  # a stack: the most recently used connection first
         self._all: set[Connection] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -164,6 +165,7 @@ class UpstreamPool:
         if self._closed:
             raise UpstreamError("the upstream pool is closed")
         loop = asyncio.get_running_loop()
+        deadline: float | None = None
         while True:
             now = loop.time()
             while self._idle and not fresh:
@@ -173,17 +175,22 @@ class UpstreamPool:
                 self._discard(conn)
             if len(self._all) + self._opening < self._limit:
                 return await self._connect()
+            if deadline is None:  # one budget for the whole wait, however often we are woken
+                deadline = now + self._pool_timeout
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
+            timer = loop.call_at(deadline, _expire, waiter)
             try:
                 await waiter
             except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._wake_one()  # the slot we were handed goes to the next in line
                 else:
                     with contextlib.suppress(ValueError):  # close() or a wake took it already
                         self._waiters.remove(waiter)
                 raise
+            finally:
+                timer.cancel()
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -230,6 +237,20 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    """A waiter's time is up. One already woken keeps its slot (its task runs next); one not
+    woken was never handed a slot, so no wake-up is lost: it stays queued, done, and
+    :meth:`UpstreamPool._wake_one` skips it (no O(n) removal under overload)."""
+    if not waiter.done():
+        waiter.set_exception(
+            UpstreamTimeout(
+                "no upstream connection became free within upstream.pool_timeout; raise "
+                "upstream.pool_size (if the upstream can take more) or upstream.pool_timeout",
+                code="upstream_pool_timeout",
+            )
+        )
 
 
 def _head(

@@ -25,6 +25,19 @@ LOW_WATER = 64 * 1024
 SMALL_WRITE = 256 * 1024  # a head and a body up to this size go out in one write
 
 
+class ClientBodyFailed(UpstreamError):
+    """The client's body failed (stalled, broken) after the upstream began to answer.
+
+    The exchange is void and its connection aborted. An UpstreamError, so a response already
+    streaming to the client is cut as for any upstream failure; one not yet started gets the
+    client's own status and code (a 408 ``body_timeout``, say), not a 502.
+    """
+
+    def __init__(self, cause: RequestError) -> None:
+        super().__init__(cause.message, code=cause.code)
+        self.status = cause.status
+
+
 class Connection(asyncio.Protocol):
     """Fields are public where the pool reads them; everything else is this exchange's state."""
 
@@ -184,8 +197,11 @@ class Connection(asyncio.Protocol):
         self._upload = None
         exc = task.exception()
         if exc is not None:  # the client's body failed, or the upstream stopped reading it
-            self._upload_error = exc
-            self._fail(UpstreamError("the request body could not be sent"))
+            self._upload_error = exc  # raised as is by wait_head: the answer has not begun
+            if isinstance(exc, RequestError):
+                self._fail(ClientBodyFailed(exc))
+            else:
+                self._fail(UpstreamError("the request body could not be sent"))
 
     async def _stream(self, body: AsyncIterator[bytes], declared: int | None) -> bool:
         """Send a streamed body; False if the upstream answered and stopped reading, or left."""
