@@ -514,3 +514,27 @@ async def test_a_stalled_request_body_times_out_and_forwards_nothing(
     writer.close()
     assert b" 408 " in status
     assert upstream.seen == []
+
+
+async def test_a_stalled_small_body_on_a_pass_through_route_times_out(
+    upstream: Any, proxy_factory: Any, certs: Any
+) -> None:
+    """Bodies up to 256 KiB with a length are read whole before forwarding: bounded too."""
+    proxy = await proxy_factory(
+        {"upstream": {"url": upstream.url}, "server": {"body_timeout": 0.3}}
+    )
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost"
+    )
+    writer.write(
+        b"POST /anything HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 1000\r\n\r\nonly ten b"
+    )
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 5)
+    head_and_body = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    assert b" 408 " in status
+    assert b'"body_timeout"' in head_and_body
+    assert upstream.seen == []

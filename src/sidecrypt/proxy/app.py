@@ -305,7 +305,7 @@ class Proxy:
         elif not request.body_exists:
             data = None
         elif request.content_length is not None and request.content_length <= SMALL_BODY:
-            data = await request.read()
+            data = await self._read_small_body(request)
         else:
             data = forward.iter_body(request.content, self.settings.server.body_timeout)
         target = forward.upstream_target(self.base_path, request.raw_path)
@@ -318,6 +318,18 @@ class Proxy:
             return await self._respond_streamed(request, upstream)
         finally:
             upstream.release()
+
+    async def _read_small_body(self, request: web.Request) -> bytes:
+        """A small body read whole; a client that stalls mid-body gets a 408, not a held handler."""
+        if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
+            return await request.read()
+        try:
+            async with asyncio.timeout(self.settings.server.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise RequestError(
+                "the request body did not arrive in time", status=408, code="body_timeout"
+            ) from None
 
     async def _respond_streamed(
         self, request: web.Request, upstream: UpstreamResponse
