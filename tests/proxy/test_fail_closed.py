@@ -501,19 +501,29 @@ async def test_a_stalled_request_body_times_out_and_forwards_nothing(
             ],
         }
     )
+    status, _ = await send_and_stall(
+        proxy,
+        certs,
+        b"POST /users HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"ssn": "canary-stall',
+    )
+    assert b" 408 " in status
+    assert upstream.seen == []
+
+
+async def send_and_stall(proxy: Any, certs: Any, data: bytes) -> tuple[bytes, bytes]:
+    """Send ``data`` (a head and part of its body), then nothing: the status line and the rest."""
     port = int(proxy.url.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost"
     )
-    writer.write(
-        b"POST /users HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        b'Content-Length: 100\r\n\r\n{"ssn": "canary-stall'
-    )
-    await writer.drain()
-    status = await asyncio.wait_for(reader.readline(), 5)
-    writer.close()
-    assert b" 408 " in status
-    assert upstream.seen == []
+    try:
+        writer.write(data)
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        return status, await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.close()
 
 
 async def test_a_stalled_small_body_on_a_pass_through_route_times_out(
@@ -523,18 +533,12 @@ async def test_a_stalled_small_body_on_a_pass_through_route_times_out(
     proxy = await proxy_factory(
         {"upstream": {"url": upstream.url}, "server": {"body_timeout": 0.3}}
     )
-    port = int(proxy.url.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost"
-    )
-    writer.write(
+    status, head_and_body = await send_and_stall(
+        proxy,
+        certs,
         b"POST /anything HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
-        b"Content-Length: 1000\r\n\r\nonly ten b"
+        b"Content-Length: 1000\r\n\r\nonly ten b",
     )
-    await writer.drain()
-    status = await asyncio.wait_for(reader.readline(), 5)
-    head_and_body = await asyncio.wait_for(reader.read(4096), 5)
-    writer.close()
     assert b" 408 " in status
     assert b'"body_timeout"' in head_and_body
     assert upstream.seen == []

@@ -34,16 +34,21 @@ ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 5.0  # no step of a passing test comes near this: reaching it means a hang
 
 
-def one_shot(gate: asyncio.Event) -> Script:
-    """Answer each request with a 200 whose body waits for ``gate`` (the slot stays busy)."""
+def held(gate: asyncio.Event, head: bytes, rest: bytes) -> Script:
+    """Answer each request with ``head``; ``rest`` waits for ``gate`` (the slot stays busy)."""
 
     async def script(conn: RawConn) -> None:
         while await conn.read_request() is not None:
-            await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+            await conn.send(head)
             await gate.wait()
-            await conn.send(b"ok")
+            await conn.send(rest)
 
     return script
+
+
+def one_shot(gate: asyncio.Event) -> Script:
+    """A 200 whose body waits for ``gate``."""
+    return held(gate, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", b"ok")
 
 
 def queued(pool: Any) -> int:
@@ -76,22 +81,32 @@ async def test_a_request_waits_for_a_slot_at_most_pool_timeout() -> None:
         assert up.accepted == 1
 
 
-async def test_a_timed_out_waiter_leaves_the_slot_to_the_next_one() -> None:
+@contextlib.asynccontextmanager
+async def answering_one_slot() -> AsyncIterator[tuple[Any, Any]]:
+    """A pool of one connection with a 0.2 s wait budget, to an upstream that answers at once."""
     gate = asyncio.Event()
     gate.set()
     async with (
         asyncio.timeout(LIMIT),
-        setup(one_shot(gate), pool_size=1, pool_timeout=0.2) as (
-            up,
-            pool,
-        ),
+        setup(one_shot(gate), pool_size=1, pool_timeout=0.2) as (up, pool),
     ):
+        yield up, pool
+
+
+async def queue_two(pool: Any, call: Any) -> tuple[asyncio.Task[Any], asyncio.Task[Any]]:
+    """Two waiters for a busy pool: the first with its short budget, the second with a long one."""
+    early = asyncio.create_task(call(pool, "/early"))
+    await until(lambda: queued(pool) == 1, "the first waiter queues")
+    pool._pool_timeout = 30.0  # the second waiter queues behind it with a long budget
+    late = asyncio.create_task(call(pool, "/late"))
+    await until(lambda: queued(pool) == 2, "the second waiter queues")
+    return early, late
+
+
+async def test_a_timed_out_waiter_leaves_the_slot_to_the_next_one() -> None:
+    async with answering_one_slot() as (up, pool):
         first = await get(pool, "/1")
-        early = asyncio.create_task(get(pool, "/early"))
-        await until(lambda: queued(pool) == 1, "the first waiter queues")
-        pool._pool_timeout = 30.0  # the second waiter queues behind it with a long budget
-        late = asyncio.create_task(get(pool, "/late"))
-        await until(lambda: queued(pool) == 2, "the second waiter queues")
+        early, late = await queue_two(pool, get)
         with pytest.raises(UpstreamTimeout):
             await early
         assert not late.done()
@@ -106,22 +121,10 @@ async def test_a_timed_out_waiter_leaves_the_slot_to_the_next_one() -> None:
 async def test_a_slot_freed_as_the_wait_expires_is_not_lost() -> None:
     """The release and the deadline fall due in one loop turn: one waiter gets the slot (the
     expiring one, or the next), the slot is never lost, and every waiter ends."""
-    gate = asyncio.Event()
-    gate.set()
-    async with (
-        asyncio.timeout(LIMIT),
-        setup(one_shot(gate), pool_size=1, pool_timeout=0.2) as (
-            up,
-            pool,
-        ),
-    ):
+    async with answering_one_slot() as (up, pool):
         first = await get(pool, "/1")
         assert await first.read() == b"ok"
-        early = asyncio.create_task(fetch(pool, "/early"))
-        await until(lambda: queued(pool) == 1, "the first waiter queues")
-        pool._pool_timeout = 30.0
-        late = asyncio.create_task(fetch(pool, "/late"))
-        await until(lambda: queued(pool) == 2, "the second waiter queues")
+        early, late = await queue_two(pool, fetch)
 
         def release_as_time_runs_out() -> None:
             first.release()  # wakes the first waiter...
@@ -280,14 +283,8 @@ def error_code(body: bytes) -> str:
 
 def streaming(gate: asyncio.Event) -> Script:
     """A chunked 200 that the proxy streams: its last chunk waits for ``gate``."""
-
-    async def script(conn: RawConn) -> None:
-        while await conn.read_request() is not None:
-            await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
-            await gate.wait()
-            await conn.send(b"0\r\n\r\n")
-
-    return script
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+    return held(gate, head, b"0\r\n\r\n")
 
 
 async def test_proxy_answers_504_json_when_no_connection_frees(proxy_factory: Any) -> None:
@@ -349,40 +346,41 @@ def answers_before_the_body(head: bytes) -> Script:
     return script
 
 
+@contextlib.asynccontextmanager
+async def stalled_upload(
+    proxy_factory: Any, script: Script
+) -> AsyncIterator[tuple[Any, asyncio.StreamReader]]:
+    """A chunked upload that sends one piece and stalls, through a proxy with a 0.2 s limit."""
+    data = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    async with (
+        asyncio.timeout(LIMIT),
+        proxied(proxy_factory, script, server={"body_timeout": 0.2}) as (up, url),
+    ):
+        reader, writer = await raw_exchange(url, data)
+        try:
+            yield up, reader
+        finally:
+            writer.close()
+
+
 async def test_proxy_answers_408_when_the_upstream_answered_but_the_client_has_nothing(
     proxy_factory: Any,
 ) -> None:
     """The upstream's head is in but its (small) body waits for the upload: nothing has gone to
     the client yet, so it gets the 408 rather than a 502 for the upstream."""
     script = answers_before_the_body(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf!")
-    data = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
-    async with (
-        asyncio.timeout(LIMIT),
-        proxied(proxy_factory, script, server={"body_timeout": 0.2}) as (up, url),
-    ):
-        reader, writer = await raw_exchange(url, data)
-        try:
-            status, _, body = await read_answer(reader)
-        finally:
-            writer.close()
+    async with stalled_upload(proxy_factory, script) as (up, reader):
+        status, _, body = await read_answer(reader)
         assert status == 408 and error_code(body) == "body_timeout"
         await assert_closed_by_pool(up.connections[0])
 
 
 async def test_proxy_cuts_a_started_response_when_the_upload_stalls(proxy_factory: Any) -> None:
     script = answers_before_the_body(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nbegun" % BIG)
-    data = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
-    async with (
-        asyncio.timeout(LIMIT),
-        proxied(proxy_factory, script, server={"body_timeout": 0.2}) as (up, url),
-    ):
-        reader, writer = await raw_exchange(url, data)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200 ")
-            rest = await reader.read()  # until the proxy cuts the connection
-        finally:
-            writer.close()
+    async with stalled_upload(proxy_factory, script) as (up, reader):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        rest = await reader.read()  # until the proxy cuts the connection
         assert rest == b"begun"  # short of the promised length: the client knows it is cut
         await assert_closed_by_pool(up.connections[0])
 
