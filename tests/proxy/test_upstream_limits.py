@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,36 @@ async def test_a_slot_freed_as_the_wait_expires_is_not_lost() -> None:
         assert results[1] == (200, b"ok")
         assert results[0] == (200, b"ok") or isinstance(results[0], UpstreamTimeout)
         assert up.accepted == 1 and pool.open_count == 1 and queued(pool) == 0
+
+
+class _RequestState:
+    """Stands for what a handler's frames hold while it waits: the request, its headers, a body."""
+
+
+async def test_a_timed_out_waiter_keeps_nothing_of_its_request_alive() -> None:
+    """An expired waiter stays queued (done) until the next wake-up; with the pool saturated that
+    can be a long time (a hung or long-polling upstream). It must not keep the timed-out request's
+    frames, and so its body and headers, alive all that time: memory would grow with every 504."""
+    gate = asyncio.Event()
+    async with (
+        asyncio.timeout(LIMIT),
+        setup(one_shot(gate), pool_size=1, pool_timeout=0.05) as (_up, pool),
+    ):
+        first = await get(pool, "/1")  # holds the only connection
+
+        async def handler() -> weakref.ref[_RequestState]:
+            state = _RequestState()
+            with pytest.raises(UpstreamTimeout):
+                await get(pool, "/2")
+            return weakref.ref(state)
+
+        refs = [await handler() for _ in range(3)]
+        gc.collect()
+        alive = sum(ref() is not None for ref in refs)
+        gate.set()
+        assert await first.read() == b"ok"
+        first.release()
+        assert alive == 0, f"{alive} timed-out requests still held by the pool's waiter queue"
 
 
 async def test_pool_timeout_costs_nothing_when_a_connection_is_at_hand() -> None:
