@@ -95,7 +95,8 @@ class UpstreamPool:
         self._pool_timeout = upstream.pool_timeout
         self._idle: list[Connection] = []  # a stack: the most recently used connection first
         self._all: set[Connection] = set()
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Each waiter learns True (a slot is free: try again) or False (its time is up).
+        self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._opening = 0
         self._closed = False
 
@@ -177,20 +178,31 @@ class UpstreamPool:
                 return await self._connect()
             if deadline is None:  # one budget for the whole wait, however often we are woken
                 deadline = now + self._pool_timeout
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(waiter)
+            waiters = self._waiters
+            while waiters and waiters[0].done():  # expired ones ahead: nothing to wake there
+                waiters.popleft()
+            waiter: asyncio.Future[bool] = loop.create_future()
+            waiters.append(waiter)
             timer = loop.call_at(deadline, _expire, waiter)
             try:
-                await waiter
+                woken = await waiter
             except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                if _was_handed_a_slot(waiter):
                     self._wake_one()  # the slot we were handed goes to the next in line
                 else:
                     with contextlib.suppress(ValueError):  # close() or a wake took it already
-                        self._waiters.remove(waiter)
+                        waiters.remove(waiter)
                 raise
             finally:
                 timer.cancel()
+            if not woken:
+                # Raised here, not stored on the future: an exception kept on a queued future
+                # would hold this request's frames (headers, body) until the next wake-up.
+                raise UpstreamTimeout(
+                    "no upstream connection became free within upstream.pool_timeout; raise "
+                    "upstream.pool_size (if the upstream can take more) or upstream.pool_timeout",
+                    code="upstream_pool_timeout",
+                )
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -235,22 +247,22 @@ class UpstreamPool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
                 return
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[bool]) -> None:
     """A waiter's time is up. One already woken keeps its slot (its task runs next); one not
     woken was never handed a slot, so no wake-up is lost: it stays queued, done, and
     :meth:`UpstreamPool._wake_one` skips it (no O(n) removal under overload)."""
     if not waiter.done():
-        waiter.set_exception(
-            UpstreamTimeout(
-                "no upstream connection became free within upstream.pool_timeout; raise "
-                "upstream.pool_size (if the upstream can take more) or upstream.pool_timeout",
-                code="upstream_pool_timeout",
-            )
-        )
+        waiter.set_result(False)
+
+
+def _was_handed_a_slot(waiter: asyncio.Future[bool]) -> bool:
+    return (
+        waiter.done() and not waiter.cancelled() and waiter.exception() is None and waiter.result()
+    )
 
 
 def _head(
