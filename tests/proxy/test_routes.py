@@ -223,3 +223,7 @@ def test_the_retry_form_catches_what_upstreams_normalise(path: str, matches: boo
 def test_the_retry_form_lower_cases_non_ascii_too() -> None:
     r = router(route("/café/1"))
     assert hit(r, "GET", "/CAFÉ/1") == (0, {})
+
+
+def test_an_empty_path_is_retried_as_the_root() -> None:
+    assert hit(router(route("/")), "GET", "") == (0, {})

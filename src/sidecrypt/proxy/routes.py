@@ -270,8 +270,9 @@ class Router:
         ever encrypts more.
         """
         hit = self._match(method, path)
-        # The retry form differs from the path only through ";", a trailing "/" or upper case.
-        if hit is None and (";" in path or path.endswith("/") or path != path.lower()):
+        # The retry form differs from the path only through ";", a trailing "/", upper case or
+        # an empty path ("/").
+        if hit is None and (not path or ";" in path or path.endswith("/") or path != path.lower()):
             # Case too: ASP.NET, IIS and many others route /USERS/1 as /users/1.
             alt = "/".join(seg.partition(";")[0] for seg in path.split("/")).rstrip("/") or "/"
             alt = alt.lower()
