@@ -338,3 +338,15 @@ def test_parse_memo_never_confuses_headers() -> None:
         envelope.parse(b64(header + bytes(27)))
     with pytest.raises(CryptoError, match="truncated"):
         envelope.parse(b64(header[:-1]))
+
+
+def test_a_token_cut_inside_its_header_does_not_spoil_the_next_ones() -> None:
+    """A header whose wrapped key runs past the end is refused, and never remembered as the
+    last header: tokens under the full header still parse and decrypt afterwards."""
+    token = encrypt("a", context=(("tenant", "acme"),))
+    header = envelope.parse(token).header
+    for cut in (1, 2, 30):
+        with pytest.raises(CryptoError, match="truncated"):
+            envelope.parse(b64(header[:-cut]))
+        assert roundtrip(token) == "a"
+        assert envelope.parse(token).header == header

@@ -228,9 +228,12 @@ def _header_end(data: bytes) -> int:
         for _ in range(count):
             pos += 1 + data[pos]
             pos += 2 + (data[pos] << 8 | data[pos + 1])
-        return pos + 2 + (data[pos] << 8 | data[pos + 1])
+        end = pos + 2 + (data[pos] << 8 | data[pos + 1])
     except IndexError:
         raise _fail("truncated header") from None
+    if end > len(data):  # the wrapped key runs past the end: never a header (nor memoised)
+        raise _fail("truncated header")
+    return end
 
 
 @lru_cache(maxsize=4096)
