@@ -163,11 +163,22 @@ def build_header(
     return bytes(out)
 
 
-def _aad(header: bytes, label: str) -> bytes:
+# label -> its part of the AAD (u16 length, UTF-8 bytes): a route's labels repeat on every
+# request. Labels are field paths, never values; only short ones are kept, and only so many.
+_LABEL_AAD: dict[str, bytes] = {}
+_LABEL_AAD_ENTRIES = 1024
+_LABEL_AAD_KEEP_BYTES = 256
+
+
+def _label_aad(label: str) -> bytes:
+    """The label's part of the AAD; callers try ``_LABEL_AAD.get(label)`` first."""
     lb = label.encode()
     if len(lb) > MAX_LABEL_BYTES:
         raise CryptoError("field label is longer than 64 KiB")
-    return header + _U16.pack(len(lb)) + lb
+    part = _U16.pack(len(lb)) + lb
+    if len(lb) <= _LABEL_AAD_KEEP_BYTES and len(_LABEL_AAD) < _LABEL_AAD_ENTRIES:
+        _LABEL_AAD[label] = part
+    return part
 
 
 def seal(
@@ -178,7 +189,8 @@ def seal(
         nonce = os.urandom(NONCE_BYTES)
     elif len(nonce) != NONCE_BYTES:
         raise CryptoError("nonce must be 12 bytes")
-    sealed = aead.encrypt(nonce, plaintext, _aad(header, label))
+    aad = header + (_LABEL_AAD.get(label) or _label_aad(label))
+    sealed = aead.encrypt(nonce, plaintext, aad)
     encoded = binascii.b2a_base64(header + nonce + sealed, newline=False)
     return PREFIX + encoded.translate(_TO_URL).rstrip(b"=").decode("ascii")
 
@@ -323,7 +335,8 @@ def parse(token: str) -> Envelope:
 def decrypt_value(env: Envelope, aead: AESGCM, label: str) -> Any:
     """Authenticate and decrypt; any mismatch (field, context, key, bytes) is a CryptoError."""
     try:
-        plaintext = aead.decrypt(env.nonce, env.ciphertext, _aad(env.header, label))
+        aad = env.header + (_LABEL_AAD.get(label) or _label_aad(label))
+        plaintext = aead.decrypt(env.nonce, env.ciphertext, aad)
     except InvalidTag:
         raise CryptoError(
             f"field {label} does not authenticate (tampered, or moved from another field, "
