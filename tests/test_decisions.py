@@ -171,3 +171,44 @@ async def test_a_plugins_mask_reaches_the_response(
     assert doc == {"ssn": "<$.ssn hidden>", "card": "*" * 12 + "1111"}
     assert SSN.encode() not in upstream.all_bytes() and CARD.encode() not in upstream.all_bytes()
     assert [f for _, _, f in plugin.seen] == ["$.ssn", "$.card"]
+
+
+class Args:
+    """Records the arguments each field's question carries; answers by field."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+        self.seen: list[tuple[Any, ...]] = []
+
+    @hookimpl
+    def sidecrypt_authorize(
+        self, principal: Any, action: str, route: str, field: str, key: Any, purpose: Any
+    ) -> str:
+        self.seen.append((principal, action, route, field, key, purpose))
+        return self.answers[field]
+
+
+def test_each_field_is_asked_with_its_own_arguments_and_audited_by_outcome() -> None:
+    who = Principal(id="alice", source="jwt")
+    answers = {"$.a": "mask", "$.b": "reveal", "$.c": "mask", "$.d": "drop"}
+    plugin = Args(answers)
+    decide = Decider(pm_with(plugin), who, ROUTE, "app", "audit")
+    assert decide.audit_events(request_id="r0") == []  # nothing decided, nothing to record
+    assert [decide(f) for f in answers] == list(answers.values())
+    assert plugin.seen == [(who, "decrypt", ROUTE, f, "app", "audit") for f in answers]
+    events = decide.audit_events(request_id="r1", context={"tenant": "acme"})
+    # One event per outcome, in order of first appearance, each naming its fields in order.
+    assert [(e.outcome, e.fields, e.count) for e in events] == [
+        ("masked", ("$.a", "$.c"), 2),
+        ("revealed", ("$.b",), 1),
+        ("dropped", ("$.d",), 1),
+    ]
+    for e in events:
+        assert (e.action, e.route, e.key, e.principal, e.purpose) == (
+            "reveal",
+            ROUTE,
+            "app",
+            "jwt:alice",
+            "audit",
+        )
+        assert (e.request_id, e.context) == ("r1", {"tenant": "acme"})

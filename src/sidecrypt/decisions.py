@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .errors import PluginError, RequestError
-from .events import AuditEvent
+from .events import AuditEvent, new_event
 from .events import Outcome as AuditOutcome
 from .hookcall import DirectHook
 from .identity import Principal
@@ -94,14 +94,7 @@ class Decider:
         self._authorize = authorize or DirectHook(pm.hook.sidecrypt_authorize)
         self._mask = pm.hook.sidecrypt_mask
         self.principal, self.route, self.key, self.purpose = principal, route, key, purpose
-        self._args: dict[str, Any] = {
-            "principal": principal,
-            "action": "decrypt",
-            "route": route,
-            "field": "",
-            "key": key,
-            "purpose": purpose,
-        }
+        self._args: dict[str, Any] | None = None  # the hook's arguments, built when first asked
         self.decisions: dict[str, str] = {}
         self._uniform: str | None = _UNKNOWN
 
@@ -126,7 +119,17 @@ class Decider:
                 outcome = self._uniform = self._route_outcome()
             if outcome is None:
                 args = self._args
-                args["field"] = field
+                if args is None:
+                    args = self._args = {
+                        "principal": self.principal,
+                        "action": "decrypt",
+                        "route": self.route,
+                        "field": field,
+                        "key": self.key,
+                        "purpose": self.purpose,
+                    }
+                else:
+                    args["field"] = field
                 outcome = self._authorize(args)
             if outcome is None:
                 outcome = "ciphertext"
@@ -148,22 +151,35 @@ class Decider:
     def denied(self) -> bool:
         return "deny" in self.decisions.values()
 
-    def audit_events(self, **common: Any) -> list[AuditEvent]:
-        """One ``reveal`` event per outcome, naming the fields; ``common`` adds request_id etc."""
-        by_outcome: dict[str, list[str]] = {}
-        for field, outcome in self.decisions.items():
-            by_outcome.setdefault(outcome, []).append(field)
+    def audit_events(
+        self, *, request_id: str | None = None, context: dict[str, str] | None = None
+    ) -> list[AuditEvent]:
+        """One ``reveal`` event per outcome, naming the fields, for this request."""
+        decisions = self.decisions
+        if not decisions:
+            return []
+        outcomes = set(decisions.values())
+        groups: list[tuple[str, tuple[str, ...]]]
+        if len(outcomes) == 1:  # the usual case: one outcome for every field (in order)
+            groups = [(outcomes.pop(), tuple(decisions))]
+        else:  # outcomes in order of first appearance, each with its fields in order
+            by_outcome: dict[str, list[str]] = {}
+            for field, outcome in decisions.items():
+                by_outcome.setdefault(outcome, []).append(field)
+            groups = [(outcome, tuple(fields)) for outcome, fields in by_outcome.items()]
+        principal = principal_label(self.principal)
         return [
-            AuditEvent(
+            new_event(
                 "reveal",
                 outcome=AUDIT_OUTCOME[outcome],
                 key=self.key,
                 route=self.route,
-                principal=principal_label(self.principal),
+                principal=principal,
                 purpose=self.purpose,
-                fields=tuple(fields),
+                fields=fields,
                 count=len(fields),
-                **common,
+                request_id=request_id,
+                context=context,
             )
-            for outcome, fields in by_outcome.items()
+            for outcome, fields in groups
         ]
