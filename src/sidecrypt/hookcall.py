@@ -35,19 +35,23 @@ class DirectHook:
     def plan(self) -> _Plan | None:
         """(function, argument names) in call order, or None when only pluggy can call them."""
         impls = self._caller.get_hookimpls()
-        if impls != self._seen:  # HookImpl has no __eq__: identity, cheap for a few impls
-            self._seen = impls
-            plan = []
-            for impl in reversed(impls):
-                if impl.hookwrapper or impl.wrapper or impl.kwargnames:
-                    self._plan = None
-                    return None
-                plan.append((impl.function, tuple(impl.argnames)))
-            self._plan = tuple(plan)
+        # HookImpl has no __eq__: an identity compare, cheap for a few impls.
+        return self._plan if impls == self._seen else self._replan(impls)
+
+    def _replan(self, impls: list[Any]) -> _Plan | None:
+        self._seen = impls
+        plan = []
+        for impl in reversed(impls):
+            if impl.hookwrapper or impl.wrapper or impl.kwargnames:
+                self._plan = None
+                return None
+            plan.append((impl.function, tuple(impl.argnames)))
+        self._plan = tuple(plan)
         return self._plan
 
     def __call__(self, kwargs: Mapping[str, Any]) -> Any:
-        plan = self.plan()
+        impls = self._caller.get_hookimpls()  # plan(), inlined: called per field and per event
+        plan = self._plan if impls == self._seen else self._replan(impls)
         if plan is None:
             return self._caller(**kwargs)
         if self._firstresult:
@@ -65,7 +69,8 @@ class DirectHook:
 
     def call1(self, name: str, value: Any) -> Any:
         """The same for a hook of one argument, without building a mapping."""
-        plan = self.plan()
+        impls = self._caller.get_hookimpls()
+        plan = self._plan if impls == self._seen else self._replan(impls)
         if plan is None:
             return self._caller(**{name: value})
         results = []
