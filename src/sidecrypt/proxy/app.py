@@ -32,7 +32,7 @@ from ..errors import (
     SidecryptError,
     UpstreamError,
 )
-from ..events import AuditEvent
+from ..events import AuditEvent, new_event
 from ..hookcall import DirectHook
 from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers
@@ -265,7 +265,7 @@ class Proxy:
             return
         provider = self.keys.providers.get(route.key or "")
         self.audit(
-            AuditEvent(
+            new_event(
                 action,
                 outcome=outcome,
                 key=route.key,
