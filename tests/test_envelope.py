@@ -342,29 +342,32 @@ def test_parse_memo_never_confuses_headers() -> None:
 
 def test_label_longer_than_64_kib_is_refused_both_ways() -> None:
     long_label = "$." + "x" * envelope.MAX_LABEL_BYTES
+    cached = envelope._short_label_aad.cache_info().currsize
     with pytest.raises(CryptoError, match="longer than 64 KiB"):
         encrypt("v", label=long_label)
     with pytest.raises(CryptoError, match="longer than 64 KiB"):
         roundtrip(TOKEN, long_label)
-    assert long_label not in envelope._LABEL_AAD
+    assert envelope._short_label_aad.cache_info().currsize == cached  # nothing kept
 
 
 def test_labels_beyond_the_remembered_ones_still_bind() -> None:
     """The AAD form of a label is remembered for short labels, up to a bound; every label binds
     the same way whether remembered or not."""
-    long_label = "$." + "é" * envelope._LABEL_AAD_KEEP_BYTES  # over the kept size in UTF-8
-    labels = [f"$.items[{i}]" for i in range(envelope._LABEL_AAD_ENTRIES + 10)] + [long_label]
+    envelope._short_label_aad.cache_clear()
+    long_label = "$." + "é" * 64  # past the length that is remembered
+    limit = envelope._short_label_aad.cache_info().maxsize
+    assert limit is not None
+    labels = [f"$.items[{i}]" for i in range(limit + 10)] + [long_label]
     for label in labels:
         token = encrypt({"n": 1}, label=label)
         assert roundtrip(token, label) == {"n": 1}
         with pytest.raises(CryptoError, match="does not authenticate"):
             roundtrip(token, label + "x")
-    assert len(envelope._LABEL_AAD) <= envelope._LABEL_AAD_ENTRIES
-    assert long_label not in envelope._LABEL_AAD
-    # The remembered form is exactly the format's: u16 length, then the UTF-8 bytes.
-    for label, part in envelope._LABEL_AAD.items():
+    assert envelope._short_label_aad.cache_info().currsize <= limit
+    # Remembered or not, the form is exactly the format's: u16 length, then the UTF-8 bytes.
+    for label in labels:
         raw = label.encode()
-        assert part == len(raw).to_bytes(2, "big") + raw
+        assert envelope._label_aad(label) == len(raw).to_bytes(2, "big") + raw
 
 
 def test_a_token_cut_inside_its_header_does_not_spoil_the_next_ones() -> None:

@@ -163,22 +163,20 @@ def build_header(
     return bytes(out)
 
 
-# label -> its part of the AAD (u16 length, UTF-8 bytes): a route's labels repeat on every
-# request. Labels are field paths, never values; only short ones are kept, and only so many.
-_LABEL_AAD: dict[str, bytes] = {}
-_LABEL_AAD_ENTRIES = 1024
-_LABEL_AAD_KEEP_BYTES = 256
-
-
 def _label_aad(label: str) -> bytes:
-    """The label's part of the AAD; callers try ``_LABEL_AAD.get(label)`` first."""
+    """The label's part of the AAD (u16 length, UTF-8). A route's labels repeat on every
+    request, so short ones (field paths, never values) come from a bounded cache."""
+    return _short_label_aad(label) if len(label) <= 64 else _encode_label(label)
+
+
+def _encode_label(label: str) -> bytes:
     lb = label.encode()
     if len(lb) > MAX_LABEL_BYTES:
         raise CryptoError("field label is longer than 64 KiB")
-    part = _U16.pack(len(lb)) + lb
-    if len(lb) <= _LABEL_AAD_KEEP_BYTES and len(_LABEL_AAD) < _LABEL_AAD_ENTRIES:
-        _LABEL_AAD[label] = part
-    return part
+    return _U16.pack(len(lb)) + lb
+
+
+_short_label_aad = lru_cache(maxsize=1024)(_encode_label)
 
 
 def seal(
@@ -189,7 +187,7 @@ def seal(
         nonce = os.urandom(NONCE_BYTES)
     elif len(nonce) != NONCE_BYTES:
         raise CryptoError("nonce must be 12 bytes")
-    aad = header + (_LABEL_AAD.get(label) or _label_aad(label))
+    aad = header + _label_aad(label)
     sealed = aead.encrypt(nonce, plaintext, aad)
     encoded = binascii.b2a_base64(header + nonce + sealed, newline=False)
     return PREFIX + encoded.translate(_TO_URL).rstrip(b"=").decode("ascii")
@@ -335,7 +333,7 @@ def parse(token: str) -> Envelope:
 def decrypt_value(env: Envelope, aead: AESGCM, label: str) -> Any:
     """Authenticate and decrypt; any mismatch (field, context, key, bytes) is a CryptoError."""
     try:
-        aad = env.header + (_LABEL_AAD.get(label) or _label_aad(label))
+        aad = env.header + _label_aad(label)
         plaintext = aead.decrypt(env.nonce, env.ciphertext, aad)
     except InvalidTag:
         raise CryptoError(
