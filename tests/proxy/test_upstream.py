@@ -14,7 +14,7 @@ import hashlib
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -576,15 +576,21 @@ async def test_pool_size_limits_connections_and_waiters_reuse_them() -> None:
         assert pool.idle_count == 2
 
 
+async def queued_get(pool: UpstreamPool, path: str) -> asyncio.Task[UpstreamResponse]:
+    """A GET that has to wait: every slot of ``pool`` is busy."""
+    waiter = asyncio.create_task(get(pool, path))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiter.done()
+    return waiter
+
+
 async def test_a_closed_connection_frees_its_slot_for_a_waiter() -> None:
     gate = asyncio.Event()
     gate.set()
     async with setup(gated(gate), pool_size=1) as (up, pool):
         first = await get(pool, "/1")
-        waiter = asyncio.create_task(get(pool, "/2"))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert not waiter.done()
+        waiter = await queued_get(pool, "/2")
         first.release()  # unread body: closed, not reused, but the slot is free again
         second = await asyncio.wait_for(waiter, 5)
         assert await second.read() == b"ok"
@@ -826,25 +832,36 @@ async def test_early_response_while_the_client_body_stalls() -> None:
             stalled.set()
 
 
-async def test_a_request_answered_before_its_body_was_sent_is_not_reused() -> None:
-    head_seen = asyncio.Event()
+def refuses_first(then: Callable[[RawConn], Awaitable[object]]) -> Script:
+    """The first connection answers 403 (keep-alive allowed) as soon as the head is in, then
+    runs ``then``; later connections answer 200 "fine"."""
 
     async def script(conn: RawConn) -> None:
         if conn.index > 0:
             await serve(response(200, b"fine"))(conn)
             return
         await conn.reader.readuntil(b"\r\n\r\n")
-        await conn.send(response(403, b"no"))  # keep-alive allowed, body not read
-        await conn.read_until_eof()
+        await conn.send(response(403, b"no"))  # before the body
+        await then(conn)
 
-    async def body() -> AsyncIterator[bytes]:
-        yield b"part one"
-        await head_seen.wait()  # the pool has the answer before the rest of the body goes out
-        yield b"part two"
-        yield b"part three"
+    return script
+
+
+async def body_held_until(head_seen: asyncio.Event, *rest: bytes) -> AsyncIterator[bytes]:
+    """One piece, then the rest once the pool has the answer."""
+    yield b"part one"
+    await head_seen.wait()
+    for piece in rest:
+        yield piece
+
+
+async def test_a_request_answered_before_its_body_was_sent_is_not_reused() -> None:
+    head_seen = asyncio.Event()
+    script = refuses_first(RawConn.read_until_eof)  # body not read
 
     async with setup(script) as (up, pool):
-        resp = await asyncio.wait_for(get(pool, method="POST", body=body()), 10)
+        body = body_held_until(head_seen, b"part two", b"part three")
+        resp = await asyncio.wait_for(get(pool, method="POST", body=body), 10)
         head_seen.set()
         assert resp.status == 403
         assert await resp.read() == b"no"
@@ -1217,23 +1234,14 @@ async def test_full_duplex_upstream_gets_the_whole_upload() -> None:
 async def test_answered_before_the_body_was_sent_is_not_reused_when_released_late() -> None:
     head_seen = asyncio.Event()
 
-    async def script(conn: RawConn) -> None:
-        if conn.index > 0:
-            await serve(response(200, b"fine"))(conn)
-            return
-        await conn.reader.readuntil(b"\r\n\r\n")
-        await conn.send(response(403, b"no"))  # keep-alive allowed, before the body
-        while piece := await conn.reader.read(READ_ANY):  # reads the body, answers no more
+    async def read_the_body(conn: RawConn) -> None:  # reads the body, answers no more
+        while piece := await conn.reader.read(READ_ANY):
             conn.received += piece
         conn.eof = True
 
-    async def body() -> AsyncIterator[bytes]:
-        yield b"part one"
-        await head_seen.wait()  # the pool has the answer before the rest of the body goes out
-        yield b"part two"
-
-    async with setup(script) as (up, pool):
-        resp = await asyncio.wait_for(get(pool, method="POST", body=body()), 10)
+    async with setup(refuses_first(read_the_body)) as (up, pool):
+        body = body_held_until(head_seen, b"part two")
+        resp = await asyncio.wait_for(get(pool, method="POST", body=body), 10)
         head_seen.set()
         assert resp.status == 403
         assert await resp.read() == b"no"
@@ -1252,10 +1260,7 @@ async def test_a_waiter_cancelled_as_a_slot_frees_raises_cancelled_error() -> No
     async with setup(gated(gate), pool_size=1) as (up, pool):
         first = await get(pool, "/1")
         assert await first.read() == b"ok"
-        waiter = asyncio.create_task(get(pool, "/2"))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert not waiter.done()
+        waiter = await queued_get(pool, "/2")
         waiter.cancel()
         first.release()  # the same loop turn: the slot frees and the waiter is woken
         with pytest.raises(asyncio.CancelledError):
