@@ -58,6 +58,13 @@ def services(w: env.World) -> dict[str, Service]:
             port=PORTS[f"sidecrypt-{n}"],
             log=log(f"sidecrypt-{n}"),
         )
+    name = "sidecrypt-aiohttp-1"
+    out[name] = Service(
+        name,
+        [py, "-m", "sidecrypt.cli", "run", "--config", str(w.sidecrypt_configs[0])],
+        port=PORTS[name],
+        log=log(name),
+    )
     return out
 
 
@@ -96,6 +103,13 @@ def configurations() -> dict[str, report.Config]:
             f"sidecrypt-{n}",
             f"https://127.0.0.1:{PORTS[f'sidecrypt-{n}']}{PASS_PATH}",
         )
+    out["sidecrypt-aiohttp-pass-1"] = C(
+        "sidecrypt-aiohttp-pass-1",
+        "sidecrypt pass-through, aiohttp engine",
+        1,
+        "sidecrypt-aiohttp-1",
+        f"https://127.0.0.1:{PORTS['sidecrypt-aiohttp-1']}{PASS_PATH}",
+    )
     for n in (1, 2):
         out[f"sidecrypt-enc-{n}"] = C(
             f"sidecrypt-enc-{n}",

@@ -26,6 +26,7 @@ PORTS = {
     "bare-2": 18452,
     "sidecrypt-1": 18461,
     "sidecrypt-2": 18462,
+    "sidecrypt-aiohttp-1": 18463,
 }
 
 
@@ -83,22 +84,22 @@ class World:
     key: Path
     body: bytes  # plaintext request body
     enc_body: bytes  # the same document with the 3 fields encrypted: the upstream's answer
-    sidecrypt_configs: dict[int, Path]
+    sidecrypt_configs: dict[int, Path]  # by workers; 0: one worker on the aiohttp engine
 
 
 def _sidecrypt() -> list[str]:
     return [sys.executable, "-m", "sidecrypt.cli"]
 
 
-def sidecrypt_config(d: Path, workers: int, port: int) -> Path:
-    path = d / f"sidecrypt-w{workers}.yaml"
+def sidecrypt_config(d: Path, workers: int, port: int, engine: str = "lean") -> Path:
+    path = d / f"sidecrypt-w{workers}-{engine}.yaml"
     path.write_text(
         f"""mode: server-side
 listen:
   address: 127.0.0.1:{port}
   tls: {{cert: server.pem, key: server-key.pem}}
 admin: {{address: null}}
-server: {{workers: {workers}, access_log: false}}
+server: {{workers: {workers}, access_log: false, engine: {engine}}}
 upstream: {{url: "http://127.0.0.1:{PORTS["upstream"]}"}}
 keys:
   app: {{provider: local, keyring: keyring.json}}
@@ -126,6 +127,8 @@ def prepare(d: Path) -> World:
         run("keys", "create", "--keyring", str(keyring), "app")
     keyring.chmod(0o600)
     configs = {w: sidecrypt_config(d, w, PORTS[f"sidecrypt-{w}"]) for w in (1, 2)}
+    # One worker on aiohttp's own server engine, to show what the lean engine changes.
+    configs[0] = sidecrypt_config(d, 1, PORTS["sidecrypt-aiohttp-1"], engine="aiohttp")
     body = orjson.dumps(body_doc())
     enc_body = asyncio.run(_encrypt(configs[1], body))
     if b"$" in enc_body or b"'" in enc_body or b"\\" in enc_body:

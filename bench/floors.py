@@ -29,8 +29,8 @@ from . import env, report, wrk
 from .__main__ import measure, services
 from .env import PORTS
 
-KINDS = ("answer-app", "answer-dispatch", "answer-server", "answer-raw")
-KINDS += ("proxy-app", "proxy-dispatch", "proxy-raw")
+KINDS = ("answer-app", "answer-dispatch", "answer-front", "answer-server", "answer-raw")
+KINDS += ("proxy-app", "proxy-dispatch", "proxy-front", "proxy-raw")
 PORT = 18490
 
 
@@ -39,7 +39,7 @@ async def _serve(kind: str, port: int, cert: str, key: str, upstream: str, doc: 
     from aiohttp import web
 
     from sidecrypt import config
-    from sidecrypt.proxy import dispatch
+    from sidecrypt.proxy import dispatch, front
     from sidecrypt.proxy.upstream import UpstreamPool
 
     loop = asyncio.get_running_loop()
@@ -69,15 +69,21 @@ async def _serve(kind: str, port: int, cert: str, key: str, upstream: str, doc: 
         headers = [(k, v) for k, v in up.headers.items() if k.lower() not in drop]
         return web.Response(status=up.status, body=data, headers=headers)
 
+    import os
+
+    if os.environ.get("DIRECT"):
+        front._DIRECT = (forward,)
     design = kind.split("-", 1)[1]
     handler = answer if kind.startswith("answer") else proxy
-    if design in ("app", "dispatch"):
+    if design in ("app", "dispatch", "front"):
         app = web.Application()
         route = app.router.add_route("*", "/{tail:.*}", handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        if design == "dispatch":
+        if design in ("dispatch", "front"):
             dispatch.install(runner, route, handler)
+        if design == "front":
+            front.install(runner, settings)
         await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
     elif design == "server":
         await loop.create_server(web.Server(handler, access_log=None), "127.0.0.1", port, ssl=ctx)
@@ -143,7 +149,9 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--only", default="", help="comma-separated kinds (default: all)")
     a = p.parse_args()
+    kinds = [k for k in KINDS if not a.only or k in a.only.split(",")]
     from .procs import Service
 
     with tempfile.TemporaryDirectory(prefix="sidecrypt-floors-") as tmp:
@@ -154,6 +162,8 @@ def main() -> int:
         svc["sidecrypt-1"] = services(w)["sidecrypt-1"]
         upstream = f"http://127.0.0.1:{PORTS['upstream']}"
         for i, kind in enumerate(KINDS):
+            if kind not in kinds:
+                continue
             argv = [sys.executable, "-m", "bench.floors", "serve", kind, str(PORT + i)]
             argv += [str(w.cert), str(w.key), upstream, str(doc)]
             svc[kind] = Service(kind, argv, port=PORT + i, log=w.dir / f"{kind}.log")
@@ -172,6 +182,8 @@ def main() -> int:
             ),
         }
         for i, kind in enumerate(KINDS):
+            if kind not in kinds:
+                continue
             configs[kind] = report.Config(kind, kind, 1, kind, _url(PORT + i))
         started: list[Service] = []
         try:

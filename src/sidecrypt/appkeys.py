@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .proxy.incoming import RequestView
+
 if TYPE_CHECKING:
     import pluggy
 
@@ -25,7 +27,7 @@ ADMIN: web.AppKey[web.Application] = web.AppKey("sidecrypt.admin")
 PROXY: web.AppKey[web.Application] = web.AppKey("sidecrypt.proxy")
 AUDIT_GATE: web.AppKey[Callable[[], bool]] = web.AppKey("sidecrypt.audit_gate")
 
-RequestObserver = Callable[[web.Request, int, float], None]
+RequestObserver = Callable[[RequestView, int, float], None]
 """Called after every proxied request with its status and seconds (metrics); must not block.
 
 An observer list instead of an aiohttp middleware: a middleware adds two coroutine layers per

@@ -123,6 +123,12 @@ class Server(Model):
     )
     backlog: int = Field(1024, ge=16)
     access_log: bool = False
+    engine: Literal["lean", "aiohttp"] = Field(
+        "lean", description="client connections: lean (proxy/front.py) or aiohttp's own"
+    )
+    keepalive_timeout: float = Field(
+        75.0, gt=0, description="seconds an idle client connection is kept open"
+    )
     body_timeout: float = Field(
         60.0,
         gt=0,

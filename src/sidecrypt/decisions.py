@@ -19,9 +19,9 @@ from .identity import Principal
 
 if TYPE_CHECKING:
     import pluggy
-    from aiohttp import web
 
     from .config import Settings
+    from .proxy.incoming import RequestView
 
 OUTCOMES = frozenset({"reveal", "mask", "ciphertext", "drop", "deny"})
 AUDIT_OUTCOME: dict[str, AuditOutcome] = {
@@ -48,7 +48,7 @@ def principal_label(principal: Principal | None) -> str | None:
     return None if principal is None else f"{principal.source}:{principal.id}"
 
 
-def purpose_of(request: web.Request, settings: Settings) -> str | None:
+def purpose_of(request: RequestView, settings: Settings) -> str | None:
     """The declared purpose (``X-Purpose``), or None; a malformed one is a 400, never logged."""
     header = settings.policy.purpose_header
     value = request.headers.get(header, "").strip()

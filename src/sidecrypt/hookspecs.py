@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .events import AuditEvent
     from .identity import Principal
     from .keys import KeyProvider
+    from .proxy.incoming import RequestView
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
@@ -42,7 +43,7 @@ def sidecrypt_audit(event: AuditEvent) -> None:
 
 
 @hookspec(firstresult=True)
-def sidecrypt_identify(request: web.Request) -> Principal | None:
+def sidecrypt_identify(request: RequestView) -> Principal | None:
     """Establish who is calling (mTLS certificate, JWT, trusted header), or None.
 
     The first non-None answer wins. ``request["sidecrypt.peer_cert"]`` holds the verified client

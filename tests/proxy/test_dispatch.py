@@ -45,8 +45,7 @@ def _config(tmp_path: Path, upstream: str, **server: Any) -> dict[str, Any]:
             }
         ],
     }
-    if server:
-        raw["server"] = server
+    raw["server"] = {"engine": "aiohttp", **server}  # CatchAll serves aiohttp's engine
     return raw
 
 

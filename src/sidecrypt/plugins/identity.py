@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from ..config import Settings
+    from ..proxy.incoming import RequestView
     from .identity_jwt import JwtVerifier
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def principal_from_cert(cert: PeerCertificate, cfg: MtlsConfig) -> Principal | N
     return Principal(id=ident, source="mtls", roles=frozenset(roles))
 
 
-def peer_ip(request: web.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def peer_ip(request: RequestView) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The TCP peer's address (never a forwarded header); None for unix sockets or closed ones."""
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
@@ -197,7 +198,7 @@ class Identifier:
         self.jwt_header = cfg.jwt.header if cfg.jwt else "Authorization"
 
     @hookimpl(trylast=True)
-    def sidecrypt_identify(self, request: web.Request) -> Principal | None:
+    def sidecrypt_identify(self, request: RequestView) -> Principal | None:
         for source in self.sources:
             if source == "mtls":
                 cert = request.get(appkeys.PEER_CERT)
@@ -213,7 +214,7 @@ class Identifier:
                 return principal
         return None
 
-    def _from_jwt(self, request: web.Request) -> Principal | Literal[False] | None:
+    def _from_jwt(self, request: RequestView) -> Principal | Literal[False] | None:
         from .identity_jwt import TokenRejected
 
         assert self.jwt is not None
@@ -229,7 +230,7 @@ class Identifier:
             log.info("bearer token refused", extra={"reason": exc.reason})
             return False
 
-    def _from_header(self, request: web.Request) -> Principal | None:
+    def _from_header(self, request: RequestView) -> Principal | None:
         assert self.header is not None
         ident = request.headers.get(self.header.principal_header)
         if not ident:

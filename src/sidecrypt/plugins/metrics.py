@@ -24,6 +24,7 @@ from prometheus_client.exposition import generate_latest
 from .. import appkeys, hookimpl
 from ..config import Settings
 from ..events import AuditEvent
+from ..proxy.incoming import RequestView
 from .audit import audit_stats
 from .aws_kms_resilience import CallStats, CircuitBreaker
 
@@ -263,7 +264,7 @@ class Metrics:
         counts = self._counts
         counts[label] = counts.get(label, 0) + n
 
-    def observe_request(self, request: web.Request, status: int, seconds: float) -> None:
+    def observe_request(self, request: RequestView, status: int, seconds: float) -> None:
         """A proxied request finished (``appkeys.REQUEST_OBSERVERS``).
 
         Recorded as a tuple and folded into the instruments in batches (at every collection,

@@ -38,6 +38,7 @@ from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers
 from . import admin, forward, tls
 from .fields import FieldCrypto
+from .incoming import RequestView, base_request
 from .routes import CompiledRoute, Router
 from .upstream import UpstreamPool, UpstreamResponse
 
@@ -101,7 +102,7 @@ class Proxy:
 
     # -- the handler --------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: RequestView) -> web.StreamResponse:
         """Every request; observers (metrics) learn its status and duration."""
         if not self.observers:
             return await self._handle(request)
@@ -119,7 +120,7 @@ class Proxy:
             for observe in self.observers:
                 observe(request, status, seconds)
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: RequestView) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id", "")
         if not 0 < len(rid) <= 128:  # a client's id is kept for correlation, within reason
             rid = f"{self._id_prefix}-{next(self._ids)}"
@@ -154,7 +155,7 @@ class Proxy:
             self._log_failure(request, route, step, exc)
             return error_response(exc, rid)
 
-    def _check_method_override(self, request: web.Request, match: Any) -> None:
+    def _check_method_override(self, request: RequestView, match: Any) -> None:
         """An upstream may honour X-HTTP-Method-Override; the route must not depend on it."""
         for name in METHOD_OVERRIDES:
             if name not in request.headers:
@@ -167,7 +168,7 @@ class Proxy:
                 )
 
     def _log_failure(
-        self, request: web.Request, route: CompiledRoute | None, step: str, exc: SidecryptError
+        self, request: RequestView, route: CompiledRoute | None, step: str, exc: SidecryptError
     ) -> None:
         if route is not None:
             self.audit(
@@ -196,7 +197,7 @@ class Proxy:
             },
         )
 
-    async def _read_request_json(self, request: web.Request, route: CompiledRoute) -> bytes | None:
+    async def _read_request_json(self, request: RequestView, route: CompiledRoute) -> bytes | None:
         """The request body of a route that must transform it, or None when there is none."""
         if not request.body_exists:
             return None
@@ -235,7 +236,7 @@ class Proxy:
         return forward.gunzip_limited(body, limit, what="request body") if gzipped else body
 
     async def _transform_request(
-        self, request: web.Request, route: CompiledRoute, body: bytes, context: Any
+        self, request: RequestView, route: CompiledRoute, body: bytes, context: Any
     ) -> bytes:
         if route.request_decrypt:
             try:
@@ -255,7 +256,7 @@ class Proxy:
     def _field_event(
         self,
         action: str,
-        request: web.Request,
+        request: RequestView,
         route: CompiledRoute,
         context: Any,
         labels: list[str],
@@ -283,7 +284,7 @@ class Proxy:
 
     async def _forward(
         self,
-        request: web.Request,
+        request: RequestView,
         route: CompiledRoute | None,
         context: Any,
         body: bytes | None,
@@ -319,7 +320,7 @@ class Proxy:
         finally:
             upstream.release()
 
-    async def _read_small_body(self, request: web.Request) -> bytes:
+    async def _read_small_body(self, request: RequestView) -> bytes:
         """A small body read whole; a client that stalls mid-body gets a 408, not a held handler."""
         if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
             return await request.read()
@@ -332,7 +333,7 @@ class Proxy:
             ) from None
 
     async def _respond_streamed(
-        self, request: web.Request, upstream: UpstreamResponse
+        self, request: RequestView, upstream: UpstreamResponse
     ) -> web.StreamResponse:
         length = upstream.content_length
         no_body = request.method == "HEAD" or upstream.status in (204, 304)
@@ -345,7 +346,7 @@ class Proxy:
             return resp
         headers = forward.response_headers(upstream.headers, keep_length=True)
         stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        await stream.prepare(request)
+        await stream.prepare(base_request(request))
         try:
             while chunk := await upstream.readany():
                 await stream.write(chunk)
@@ -360,7 +361,7 @@ class Proxy:
 
     async def _respond_transformed(
         self,
-        request: web.Request,
+        request: RequestView,
         route: CompiledRoute,
         context: Any,
         upstream: UpstreamResponse,
@@ -420,14 +421,14 @@ class Proxy:
             status=upstream.status, reason=upstream.reason, headers=headers, body=body
         )
 
-    def _identify_caller(self, request: web.Request) -> None:
+    def _identify_caller(self, request: RequestView) -> None:
         if self.mtls and request.transport is not None:
             request[appkeys.PEER_CERT] = tls.peer_certificate(
                 request.transport.get_extra_info("ssl_object")
             )
         request[appkeys.PRINCIPAL] = self._identify.call1("request", request)
 
-    def _decider(self, request: web.Request, route: CompiledRoute) -> Decider:
+    def _decider(self, request: RequestView, route: CompiledRoute) -> Decider:
         """Per-request policy decisions (cached per label); the purpose header is checked here."""
         return Decider(
             self.pm,
@@ -446,7 +447,7 @@ def _upstream_body_error(exc: RequestError) -> SidecryptError:
     return UpstreamError(f"the upstream response: {exc.message}", code="upstream_bad_body")
 
 
-def _principal_id(request: web.Request) -> str | None:
+def _principal_id(request: RequestView) -> str | None:
     principal = request.get(appkeys.PRINCIPAL)
     return principal.id if principal is not None else None
 

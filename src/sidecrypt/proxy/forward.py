@@ -8,11 +8,11 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from aiohttp import web
 from aiohttp.http import HttpProcessingError
 from multidict import CIMultiDictProxy
 
 from ..errors import RequestError, SidecryptError
+from .incoming import RequestView
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus the non-standard ones proxies also drop.
 HOP_BY_HOP = frozenset(
@@ -51,7 +51,7 @@ def _skipped(drop: frozenset[str], keep_length: bool, identity_encoding: bool) -
 
 
 def request_headers(
-    request: web.Request,
+    request: RequestView,
     *,
     upstream_host: str,
     preserve_host: bool,
@@ -125,7 +125,7 @@ def upstream_target(base_path: str, raw_path: str) -> str:
     return base_path + raw_path
 
 
-def check_path(request: web.Request) -> None:
+def check_path(request: RequestView) -> None:
     """Refuse paths the upstream may read differently from the route matcher.
 
     Dot segments and encoded slashes are how a request for ``/public/..%2Fusers`` would reach a

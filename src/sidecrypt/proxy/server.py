@@ -19,7 +19,7 @@ from aiohttp import web
 from .. import appkeys
 from ..config import Settings, parse_address
 from ..plugin_manager import describe_plugins, make_plugin_manager
-from . import dispatch, tls
+from . import dispatch, front, tls
 from .app import CATCH_ALL_KEY, PROXY_KEY, create_app
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,11 @@ async def start(
         app,
         handler_cancellation=True,
         shutdown_timeout=settings.server.grace_period,
+        keepalive_timeout=settings.server.keepalive_timeout,
         access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
     )
     await runner.setup()
-    dispatch.install(runner, app[CATCH_ALL_KEY], app[PROXY_KEY].handle)
+    _choose_engine(runner, settings)
     host, port = parse_address(settings.listen.address)
     site = web.TCPSite(
         runner,
@@ -113,6 +114,23 @@ async def start(
             await r.cleanup()
 
     return running, shutdown
+
+
+def _choose_engine(runner: web.AppRunner, settings: Settings) -> str:
+    """The lean engine (proxy/front.py) unless the app needs what only aiohttp's server does."""
+    app = runner.app
+    handler = app[PROXY_KEY].handle
+    catch_all = dispatch.install(runner, app[CATCH_ALL_KEY], handler)
+    wanted = settings.server.engine
+    if wanted == "lean":
+        if catch_all and not app.on_response_prepare and not settings.server.access_log:
+            front.install(runner, handler, settings)
+            return "lean"
+        log.info(
+            "serving through aiohttp's server: the access log, or a plugin's routes, "
+            "middlewares or response signals on the proxy app, need it"
+        )
+    return "aiohttp"
 
 
 def settle_gc() -> None:

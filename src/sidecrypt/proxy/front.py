@@ -1,0 +1,370 @@
+"""The lean engine: the proxy's client connections without aiohttp's per-request machinery.
+
+aiohttp's server builds a ``web.Request``, a task, a ``StreamWriter`` and a prepared
+``web.Response`` for every request, and walks ``finish_response``; under the bench's load that
+is ~40 µs of the ~125 µs a pass-through request costs (bench/PROFILE.md, round 4). This engine
+keeps the parts that decide what is accepted and drops the rest:
+
+- parsing is aiohttp's C parser (llhttp) with the same limits, so what is refused as malformed
+  or smuggled is exactly what the aiohttp engine refuses (400, connection closed);
+- the handler gets an :class:`~sidecrypt.proxy.incoming.Incoming` (the ``RequestView`` both
+  engines offer) and returns the same ``web.Response``/``StreamResponse`` objects; a plain
+  ``web.Response`` is written in one go, anything else through aiohttp's own ``prepare()``;
+- one task per connection serves its requests in order (pipelining included, at most
+  ``MAX_PIPELINED`` parsed ahead); losing the connection cancels the handler;
+- ``Expect: 100-continue`` is answered before the handler runs (other expectations get 417),
+  upgrades are answered and the connection closed, an unread body is drained for at most
+  ``LINGERING_TIME`` before the connection is reused, an idle connection (or one whose request
+  head never completes) closes after ``server.keepalive_timeout``, and shutdown lets requests
+  in flight finish within ``server.grace_period``.
+
+``server.engine: aiohttp`` serves through aiohttp instead; it is also used when a plugin added
+middlewares, routes or response signals to the proxy app, or when the access log is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import hdrs, web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
+from aiohttp.http import (
+    HttpProcessingError,
+    HttpRequestParser,
+    HttpVersion10,
+    HttpVersion11,
+    RawRequestMessage,
+    StreamWriter,
+)
+from aiohttp.http_writer import _serialize_headers
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDict
+
+from .incoming import Incoming, RequestView, base_request
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[RequestView], Awaitable[web.StreamResponse]]
+READ_BUFSIZE = 2**16
+MAX_PIPELINED = 16  # parsed requests queued behind the one being handled before reading pauses
+LINGERING_TIME = (
+    10.0  # as aiohttp: how long an unread body is drained so the client sees the answer
+)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_Item = tuple[RawRequestMessage | HttpProcessingError, StreamReader]
+
+
+class FrontServer(web.Server):
+    """The runner's server when the lean engine is on: makes :class:`Connection` protocols."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        app: web.Application,
+        *,
+        max_field_size: int,
+        keepalive_timeout: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(handler, loop=loop)
+        self.handler = handler
+        self.app = app
+        self.max_field_size = max_field_size
+        self.keepalive_timeout = keepalive_timeout
+        self.conns: set[Connection] = set()
+
+    def __call__(self) -> Connection:  # type: ignore[override]
+        return Connection(self)
+
+    def pre_shutdown(self) -> None:
+        for conn in list(self.conns):
+            conn.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await asyncio.gather(*(conn.shutdown(timeout) for conn in list(self.conns)))
+        self.conns.clear()
+
+
+class Connection(BaseProtocol):
+    """One client connection; see the module docstring for what it keeps and drops."""
+
+    def __init__(self, server: FrontServer) -> None:
+        loop = server._loop
+        parser = HttpRequestParser(
+            self,
+            loop,
+            READ_BUFSIZE,
+            max_line_size=8190,
+            max_field_size=server.max_field_size,
+            max_headers=128,
+            payload_exception=RequestPayloadError,
+            auto_decompress=False,  # bodies pass through as sent
+            max_msg_queue_size=MAX_PIPELINED,
+        )
+        super().__init__(loop, parser)
+        self._server = server
+        self._messages: deque[_Item] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._current: StreamReader | None = None
+        self._closing = False
+        self.peername: Any = None
+        self.secure = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.peername = transport.get_extra_info("peername")
+        self.secure = transport.get_extra_info("sslcontext") is not None
+        self._server.conns.add(self)
+        self._arm_idle()
+        self._task = self._loop.create_task(self._serve())
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._server.conns.discard(self)
+        self._closing = True
+        self._parser = None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        lost = ConnectionResetError("the client connection was lost")
+        if self._current is not None:
+            self._current.set_exception(lost)
+        for _, payload in self._messages:
+            payload.set_exception(lost)
+        self._messages.clear()
+        if self._task is not None:
+            self._task.cancel()  # the handler stops where it is: nobody is left to answer
+            self._task = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self._parser is None:
+            return
+        try:
+            messages, _, _ = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            messages = [(exc, EMPTY_PAYLOAD)]
+        for item in messages:
+            self._messages.append(item)
+            message = item[0]
+            if not isinstance(message, RawRequestMessage) or message.upgrade:
+                # After a malformed head nothing on this connection can be trusted, and an
+                # upgrade is not proxied: answer what came before and this one, then close.
+                self._closing = True
+                break
+        if messages:
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+            if len(self._messages) >= MAX_PIPELINED and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            while self.transport is not None:
+                if not self._messages:
+                    if self._closing:
+                        break
+                    self._waiter = self._loop.create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+                    continue
+                message, payload = self._messages.popleft()
+                if self._parser is not None:
+                    self._parser.message_consumed()
+                if self._buffer_paused and len(self._messages) <= MAX_PIPELINED // 2:
+                    self._resume_reading_for_buffer()
+                if isinstance(message, HttpProcessingError):
+                    await self._write(_error(message.code, "bad_request", "malformed request"))
+                    break
+                if self._idle is not None:
+                    self._idle.cancel()
+                    self._idle = None
+                self._current = payload
+                request = Incoming(message, payload, self, self._server.app)
+                keep_alive = await self._exchange(request)
+                self._current = None
+                if keep_alive and not payload.is_eof():
+                    keep_alive = await _linger(payload)
+                if not keep_alive:
+                    break
+                self._arm_idle()
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # a bug here must close one connection, not leave it hanging
+            log.exception("client connection failed")
+        finally:
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _exchange(self, request: Incoming) -> bool:
+        """One request and its answer; whether the connection may carry another."""
+        if hdrs.EXPECT in request.headers and not await self._expect(request):
+            return False
+        try:
+            resp = await self._server.handler(request)
+        except web.HTTPException as exc:
+            resp = exc
+        except Exception:
+            log.exception("the request handler failed")
+            await self._write(_error(500, "internal_error", "the proxy failed on this request"))
+            return False
+        try:
+            if type(resp) is web.Response and not resp.prepared:
+                return await self._send(request, resp)
+            await resp.prepare(base_request(request))
+            await resp.write_eof()
+        except ConnectionError:
+            return False
+        return bool(resp.keep_alive)
+
+    async def _expect(self, request: Incoming) -> bool:
+        if request.headers[hdrs.EXPECT].lower() == "100-continue":
+            if request.version == HttpVersion11 and self.transport is not None:
+                self.transport.write(CONTINUE)
+            return True
+        await self._write(_error(417, "expectation_failed", "only 100-continue is supported"))
+        return False
+
+    async def _send(self, request: Incoming, resp: web.Response) -> bool:
+        """A plain ``web.Response`` in one write, with the headers aiohttp's prepare() adds."""
+        if resp.chunked or resp.compression or not isinstance(resp.body, bytes):
+            await resp.prepare(base_request(request))
+            await resp.write_eof()
+            return bool(resp.keep_alive)
+        body: bytes = resp.body
+        status = resp.status
+        method = request.method
+        headers: CIMultiDict[str] = resp.headers
+        empty = must_be_empty_body(method, status)
+        if empty:
+            if status < 200 or status == 204:
+                headers.popall(hdrs.CONTENT_LENGTH, None)
+            headers.popall(hdrs.TRANSFER_ENCODING, None)
+            body = b""
+        elif hdrs.CONTENT_LENGTH not in headers:
+            headers[hdrs.CONTENT_LENGTH] = str(len(body))
+        if body:
+            headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
+        if hdrs.DATE not in headers:
+            headers[hdrs.DATE] = rfc822_formatted_time()
+        keep_alive = resp.keep_alive
+        if keep_alive is None:
+            keep_alive = request.keep_alive
+        last = self._closing and not self._messages  # shutting down, or nothing more to trust
+        version = request.version
+        if hdrs.CONNECTION not in headers:
+            if keep_alive and not last and version == HttpVersion10:
+                headers[hdrs.CONNECTION] = "keep-alive"
+            elif (not keep_alive or last) and version == HttpVersion11:
+                headers[hdrs.CONNECTION] = "close"
+        line = f"HTTP/{version.major}.{version.minor} {status} {resp.reason}"
+        await self._write(_serialize_headers(line, headers) + body)  # refuses CR/LF in headers
+        return keep_alive
+
+    async def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        transport.write(data)
+        if self._paused:  # the client reads slowly: wait before the next answer piles up
+            await self._drain_helper()
+
+    def payload_writer(self) -> StreamWriter:
+        return StreamWriter(self, self._loop)
+
+    # -- timers and shutdown ---------------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        timeout = self._server.keepalive_timeout
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self._loop.call_later(timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if self._current is None and not self._messages and self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        """Finish the request in flight, if any, and close (shutdown's first step)."""
+        self._closing = True
+        if self._current is None and not self._messages and self.transport is not None:
+            self.transport.close()
+        elif self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def shutdown(self, timeout: float | None) -> None:
+        """Wait at most ``timeout`` for the request in flight, then cut the connection."""
+        self.close()
+        task = self._task
+        if task is not None and not task.done():
+            _, pending = await asyncio.wait([task], timeout=timeout)
+            if pending:
+                task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def _linger(payload: StreamReader) -> bool:
+    """Read and drop a body nobody read, so the client sees the answer before the close."""
+    try:
+        async with asyncio.timeout(LINGERING_TIME):
+            while not payload.is_eof():
+                await payload.readany()
+    except (TimeoutError, Exception):
+        return False
+    return True
+
+
+def _error(status: int, code: str, message: str) -> bytes:
+    """A JSON error answer for what never reached the handler; the connection closes after."""
+    if not 400 <= status < 600:
+        status = 400
+    body = b'{"error":{"code":"%s","message":"%s"}}' % (code.encode(), message.encode())
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"Date: {rfc822_formatted_time()}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_REASONS = {
+    400: "Bad Request",
+    413: "Request Entity Too Large",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
+
+
+def install(runner: web.AppRunner, handler: Handler, settings: Any) -> FrontServer:
+    """Serve ``runner``'s connections with the lean engine (after ``runner.setup()``, before
+    any site starts). ``runner.cleanup()`` still drains and stops them."""
+    base = runner.server
+    assert base is not None, "call after runner.setup()"
+    server = FrontServer(
+        handler,
+        runner.app,
+        max_field_size=settings.server.max_header_size,
+        keepalive_timeout=settings.server.keepalive_timeout,
+        loop=base._loop,
+    )
+    runner._server = server
+    return server
