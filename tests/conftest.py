@@ -119,8 +119,17 @@ class RunningProxy:
 
 
 @pytest.fixture
+def proxy_engine() -> str | None:
+    """The ``server.engine`` proxies get unless their config names one (None: the default).
+
+    tests/proxy/conftest.py runs its tests once per engine.
+    """
+    return None
+
+
+@pytest.fixture
 async def proxy_factory(
-    certs: Certs,
+    certs: Certs, proxy_engine: str | None
 ) -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
     """Start sidecrypt for real (sockets, TLS) from a config dict; stops them all at the end."""
     stops: list[Callable[[], Awaitable[None]]] = []
@@ -139,6 +148,8 @@ async def proxy_factory(
             listen.setdefault("tls", {"cert": str(certs.server_cert), "key": str(certs.server_key)})
         raw["listen"] = listen
         raw.setdefault("admin", {"address": "127.0.0.1:0"})
+        if proxy_engine is not None:
+            raw["server"] = {"engine": proxy_engine, **raw.get("server", {})}
         settings = config.parse(raw, file="test.yaml", base_dir=base_dir or certs.dir)
         running, shutdown = await server.start(settings, extra_plugins=plugins)
         stops.append(shutdown)

@@ -31,6 +31,11 @@ CANARY = "canary-dispatch-5e1b"
 BIG = 300 * 1024  # above app.SMALL_BODY: the answer is streamed (prepared by the handler)
 
 
+@pytest.fixture
+def proxy_engine() -> str:
+    return "aiohttp"  # CatchAll serves aiohttp's engine
+
+
 def _config(tmp_path: Path, upstream: str, **server: Any) -> dict[str, Any]:
     create_key(tmp_path / "ring.json", "app")
     raw: dict[str, Any] = {
@@ -45,7 +50,8 @@ def _config(tmp_path: Path, upstream: str, **server: Any) -> dict[str, Any]:
             }
         ],
     }
-    raw["server"] = {"engine": "aiohttp", **server}  # CatchAll serves aiohttp's engine
+    if server:
+        raw["server"] = server
     return raw
 
 
