@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -249,3 +250,30 @@ async def test_metrics_through_the_running_proxy(
 
 
 ROUTE_LABEL = "POST /users/**"
+
+
+def test_request_tallies_match_a_prometheus_histogram() -> None:
+    """The hand-kept buckets give what prometheus_client's own Histogram gives, edges included."""
+    BUCKETS = metrics.BUCKETS
+    values = [*BUCKETS, 0.0, 1e-9, 11.0, *(random.uniform(0, 12) for _ in range(500))]
+    reference = prometheus_client.CollectorRegistry()
+    hist = prometheus_client.Histogram(
+        "ref", "reference", ["route"], buckets=BUCKETS, registry=reference
+    )
+    ours = metrics.Metrics(web.Application())
+    for v in values:
+        hist.labels("r").observe(v)
+        ours.observe_request(_Request({}), 200, v)  # type: ignore[arg-type]
+    for le in [*(str(float(b)) for b in BUCKETS), "+Inf"]:
+        labels = {"route": "unmatched", "le": le}
+        got = ours.registry.get_sample_value("sidecrypt_request_duration_seconds_bucket", labels)
+        want = reference.get_sample_value("ref_bucket", {"route": "r", "le": le})
+        assert got == want, le
+    got_sum = ours.registry.get_sample_value(
+        "sidecrypt_request_duration_seconds_sum", {"route": "unmatched"}
+    )
+    assert got_sum == pytest.approx(reference.get_sample_value("ref_sum", {"route": "r"}))
+
+
+class _Request(dict):  # type: ignore[type-arg]
+    """The mapping part of a request, all observe_request reads."""
