@@ -7,9 +7,10 @@ sidecrypt work: they show where the ceiling of each server design sits.
 
 - ``answer-*``: answer every request with the upstream's document, no proxying;
   ``app`` (aiohttp Application), ``dispatch`` (the same with sidecrypt's CatchAll),
+  ``front`` (the same app on sidecrypt's lean engine, proxy/front.py),
   ``server`` (aiohttp's low-level web.Server), ``raw`` (asyncio.Protocol + httptools).
 - ``proxy-*``: forward to the nginx upstream through sidecrypt's UpstreamPool with a minimal
-  handler (no header rules, routes, metrics or fields); same four-way split minus ``server``.
+  handler (no header rules, routes, metrics or fields); the same designs minus ``server``.
 
 ``python -m bench.floors serve KIND PORT CERT KEY UPSTREAM`` runs one of them (used by the driver).
 """
@@ -69,10 +70,6 @@ async def _serve(kind: str, port: int, cert: str, key: str, upstream: str, doc: 
         headers = [(k, v) for k, v in up.headers.items() if k.lower() not in drop]
         return web.Response(status=up.status, body=data, headers=headers)
 
-    import os
-
-    if os.environ.get("DIRECT"):
-        front._DIRECT = (forward,)
     design = kind.split("-", 1)[1]
     handler = answer if kind.startswith("answer") else proxy
     if design in ("app", "dispatch", "front"):
@@ -83,7 +80,7 @@ async def _serve(kind: str, port: int, cert: str, key: str, upstream: str, doc: 
         if design in ("dispatch", "front"):
             dispatch.install(runner, route, handler)
         if design == "front":
-            front.install(runner, settings)
+            front.install(runner, handler, settings)  # type: ignore[arg-type]
         await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
     elif design == "server":
         await loop.create_server(web.Server(handler, access_log=None), "127.0.0.1", port, ssl=ctx)
