@@ -149,6 +149,18 @@ class Connection(BaseProtocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """The body reader asks after every chunk it hands out; only a paused reader needs it."""
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
+    def _drained(self) -> None:
+        """The queue of parsed requests has room again. The parser stopped at a full queue and
+        kept the rest of what it was given: parse that first, then read from the socket again."""
+        self.data_received(b"")
+        if len(self._messages) < MAX_PIPELINED:
+            self._resume_reading_for_buffer()
+
     def data_received(self, data: bytes) -> None:
         if self._closing or self._parser is None:
             return
@@ -188,7 +200,7 @@ class Connection(BaseProtocol):
                 if self._parser is not None:
                     self._parser.message_consumed()
                 if self._buffer_paused and len(self._messages) <= MAX_PIPELINED // 2:
-                    self._resume_reading_for_buffer()
+                    self._drained()
                 if isinstance(message, HttpProcessingError):
                     await self._write(_error(message.code, "bad_request", "malformed request"))
                     break
