@@ -482,12 +482,6 @@ async def test_a_malformed_head_gets_a_json_error_and_a_close(
     assert env.up.seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="front.py: a parse error in a body already being streamed to the handler (bad "
-    "chunk size in a later read) neither fails nor ends that payload; the handler waits for "
-    "server.body_timeout before anything is answered",
-)
 async def test_a_bad_chunk_mid_body_fails_the_request_at_once(
     make_env: MakeEnv, certs: Certs
 ) -> None:
@@ -678,13 +672,6 @@ async def test_an_unread_body_is_drained_and_the_connection_reused(
     assert env.seen_paths() == ["/next"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="front.py since 7a9bed3 (lazy idle timer): the timer is no longer stopped while a "
-    "request is served, and _idle_expired sees _current None while an unread body is drained "
-    "(_linger), so a client still sending that body is cut after keepalive_timeout instead of "
-    "getting the connection back",
-)
 async def test_lingering_outlasts_the_idle_timeout(make_env: MakeEnv) -> None:
     """A client still sending a refused body is not idle: the connection stays usable."""
     env = await make_env(keepalive_timeout=IDLE)
@@ -888,13 +875,6 @@ async def test_a_large_answer_arrives_whole_and_framed_as_sent(
             await shut(writer)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="front.py: an HTTP/1.0 keep-alive request whose answer has no length (upstream sent "
-    "it chunked, streamed through prepare()) is written close-delimited, but the connection is "
-    "kept open (resp.keep_alive stays True; aiohttp only drops its local copy), so the client "
-    "waits for keepalive_timeout; aiohttp's engine does the same",
-)
 async def test_a_chunked_answer_to_http10_is_delimited_by_the_close(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
@@ -989,11 +969,6 @@ async def test_small_answers_carry_date_and_no_server_header(
             await shut(writer)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a streamed answer (> SMALL_BODY, written through StreamResponse.prepare()) gets "
-    "aiohttp's 'Server: Python/3.x aiohttp/3.x' header, which the one-write path never adds",
-)
 async def test_streamed_answers_carry_no_aiohttp_server_header(
     proxy_factory: Any, tmp_path: Path
 ) -> None:

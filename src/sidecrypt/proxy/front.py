@@ -25,10 +25,11 @@ middlewares, routes or response signals to the proxy app, or when the access log
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import hdrs, web
 from aiohttp.base_protocol import BaseProtocol
@@ -43,8 +44,8 @@ from aiohttp.http import (
 )
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_protocol import RequestPayloadError
-from multidict import CIMultiDict
 
 from .incoming import Incoming, RequestView, base_request
 
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[RequestView], Awaitable[web.StreamResponse]]
 READ_BUFSIZE = 2**16
-MAX_PIPELINED = 16  # parsed requests queued behind the one being handled before reading pauses
+MAX_PIPELINED = 16  # requests the parser holds parsed before it stops (pipelining)
+PAUSE_AT = MAX_PIPELINED // 2  # queued requests at which the socket is no longer read
 LINGERING_TIME = (
     10.0  # as aiohttp: how long an unread body is drained so the client sees the answer
 )
@@ -112,10 +114,12 @@ class Connection(BaseProtocol):
         self._messages: deque[_Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._context = contextvars.copy_context()
         self._idle: asyncio.TimerHandle | None = None
         self._idle_deadline = 0.0
-        self._current: StreamReader | None = None
-        self._closing = False
+        self._current: StreamReader | None = None  # the body of the request being served
+        self._closing = False  # serve no request after those already queued
+        self._stopped = False  # parse nothing more: after a malformed head or an upgrade
         self.peername: Any = None
         self.secure = False
 
@@ -123,6 +127,9 @@ class Connection(BaseProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        tcp_keepalive(
+            cast(asyncio.Transport, transport)
+        )  # as aiohttp: notice peers that vanished without a FIN
         self.peername = transport.get_extra_info("peername")
         self.secure = transport.get_extra_info("sslcontext") is not None
         self._server.conns.add(self)
@@ -132,16 +139,12 @@ class Connection(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._server.conns.discard(self)
-        self._closing = True
+        self._closing = self._stopped = True
         self._parser = None
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        lost = ConnectionResetError("the client connection was lost")
-        if self._current is not None:
-            self._current.set_exception(lost)
-        for _, payload in self._messages:
-            payload.set_exception(lost)
+        self._fail_bodies(ConnectionResetError("the client connection was lost"))
         self._messages.clear()
         if self._task is not None:
             self._task.cancel()  # the handler stops where it is: nobody is left to answer
@@ -154,33 +157,39 @@ class Connection(BaseProtocol):
         if self._reading_paused:
             super().resume_reading(resume_parser)
 
-    def _drained(self) -> None:
-        """The queue of parsed requests has room again. The parser stopped at a full queue and
-        kept the rest of what it was given: parse that first, then read from the socket again."""
-        self.data_received(b"")
-        if len(self._messages) < MAX_PIPELINED:
-            self._resume_reading_for_buffer()
-
     def data_received(self, data: bytes) -> None:
-        if self._closing or self._parser is None:
+        if self._stopped or self._parser is None:
             return
         try:
-            messages, _, _ = self._parser.feed_data(data)
+            messages, upgraded, _ = self._parser.feed_data(data)
         except HttpProcessingError as exc:
-            messages = [(exc, EMPTY_PAYLOAD)]
-        for item in messages:
-            self._messages.append(item)
-            message = item[0]
-            if not isinstance(message, RawRequestMessage) or message.upgrade:
-                # After a malformed head nothing on this connection can be trusted, and an
-                # upgrade is not proxied: answer what came before and this one, then close.
-                self._closing = True
-                break
-        if messages:
+            # Nothing after a malformed head can be trusted; a body cut by bad framing fails
+            # now rather than at body_timeout.
+            self._stopped = True
+            self._fail_bodies(exc)
+            messages, upgraded = [(exc, EMPTY_PAYLOAD)], False
+        if upgraded:  # the upgrade request's body is complete; what follows is not ours to read
+            self._stopped = True
+        if messages and not self._closing:
+            self._messages.extend(messages)
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
-            if len(self._messages) >= MAX_PIPELINED and not self._buffer_paused:
+            if len(self._messages) >= PAUSE_AT and not self._buffer_paused:
                 self._pause_reading_for_buffer()
+        if self._stopped:
+            self._closing = True
+
+    def _fail_bodies(self, exc: BaseException) -> None:
+        for payload in (self._current, *(p for _, p in self._messages)):
+            if payload is not None and not payload.is_eof():
+                payload.set_exception(exc)
+
+    def _drained(self) -> None:
+        """Room in the queue again. The parser stops at MAX_PIPELINED requests in flight and
+        keeps the rest of what it was given: parse that, then read from the socket again."""
+        self.data_received(b"")
+        if len(self._messages) < PAUSE_AT:
+            self._resume_reading_for_buffer()
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -190,6 +199,9 @@ class Connection(BaseProtocol):
                 if not self._messages:
                     if self._closing:
                         break
+                    self._drained()  # a request the parser held back is served, not forgotten
+                    if self._messages:
+                        continue
                     self._waiter = self._loop.create_future()
                     try:
                         await self._waiter
@@ -197,19 +209,27 @@ class Connection(BaseProtocol):
                         self._waiter = None
                     continue
                 message, payload = self._messages.popleft()
-                if self._parser is not None:
-                    self._parser.message_consumed()
-                if self._buffer_paused and len(self._messages) <= MAX_PIPELINED // 2:
-                    self._drained()
                 if isinstance(message, HttpProcessingError):
-                    await self._write(_error(message.code, "bad_request", "malformed request"))
+                    status = message.code if 400 <= message.code < 500 else 400
+                    await self._write(_error(status, "bad_request", "malformed request"))
                     break
                 self._current = payload
-                request = Incoming(message, payload, self, self._server.app)
-                keep_alive = await self._exchange(request)
-                self._current = None
-                if keep_alive and not payload.is_eof():
-                    keep_alive = await _linger(payload)
+                try:
+                    request = Incoming(message, payload, self, self._server.app)
+                    # Each request in a context of its own, as aiohttp does: a plugin's
+                    # ContextVar (a principal, a trace id) must not leak into the next one.
+                    task = self._loop.create_task(
+                        self._exchange(request), context=self._context.copy()
+                    )
+                    keep_alive = await task
+                    if not payload.is_eof():  # answered before its body was read: drain it
+                        keep_alive = await _linger(payload) and keep_alive
+                finally:
+                    self._current = None
+                if self._parser is not None:  # only now: the parser counts complete messages
+                    self._parser.message_consumed()
+                if self._buffer_paused and len(self._messages) < PAUSE_AT:
+                    self._drained()
                 if not keep_alive:
                     break
                 self._arm_idle()
@@ -223,51 +243,72 @@ class Connection(BaseProtocol):
 
     async def _exchange(self, request: Incoming) -> bool:
         """One request and its answer; whether the connection may carry another."""
-        if hdrs.EXPECT in request.headers and not await self._expect(request):
+        expect = request.version == HttpVersion11 and hdrs.EXPECT in request.headers
+        if expect and not await self._expect(request):
             return False
         try:
             resp = await self._server.handler(request)
+            if not isinstance(resp, web.StreamResponse):
+                raise TypeError(f"the handler returned {type(resp).__name__}, not a response")
         except web.HTTPException as exc:
             resp = exc
-        except Exception:
-            log.exception("the request handler failed")
-            await self._write(_error(500, "internal_error", "the proxy failed on this request"))
-            return False
+        except Exception as exc:
+            return await self._failed(request, exc)
         try:
-            if type(resp) is web.Response and not resp.prepared:
+            if type(resp) is web.Response and not resp.prepared and _one_write(resp):
                 return await self._send(request, resp)
             await resp.prepare(base_request(request))
             await resp.write_eof()
         except ConnectionError:
             return False
-        return bool(resp.keep_alive)
+        except ValueError as exc:  # a header aiohttp refuses to write (CR/LF): nothing went out
+            return await self._failed(request, exc)
+        writer = request._writer
+        if (
+            request.version == HttpVersion10
+            and writer is not None
+            and writer.length is None
+            and not must_be_empty_body(request.method, resp.status)
+        ):
+            return False  # an HTTP/1.0 answer without a length ends when the connection does
+        return bool(resp.keep_alive) and not self._last()
+
+    async def _failed(self, request: Incoming, exc: Exception) -> bool:
+        """A handler that raised: 500 (504 for a timeout), or only a close once an answer began."""
+        if request._writer is not None:  # headers may be out: a second answer would desync
+            log.error("the request handler failed mid-answer", exc_info=exc)
+            return False
+        if isinstance(exc, TimeoutError):
+            await self._write(_error(504, "timeout", "the proxy timed out", request.method))
+            return False
+        log.error("the request handler failed", exc_info=exc)
+        await self._write(_error(500, "internal_error", "the proxy failed", request.method))
+        return False
 
     async def _expect(self, request: Incoming) -> bool:
         if request.headers[hdrs.EXPECT].lower() == "100-continue":
-            if request.version == HttpVersion11 and self.transport is not None:
+            if self.transport is not None:
                 self.transport.write(CONTINUE)
             return True
-        await self._write(_error(417, "expectation_failed", "only 100-continue is supported"))
+        expectation = "only 100-continue is supported"
+        await self._write(_error(417, "expectation_failed", expectation, request.method))
         return False
 
     async def _send(self, request: Incoming, resp: web.Response) -> bool:
         """A plain ``web.Response`` in one write, with the headers aiohttp's prepare() adds."""
-        if resp.chunked or resp.compression or not isinstance(resp.body, bytes):
-            await resp.prepare(base_request(request))
-            await resp.write_eof()
-            return bool(resp.keep_alive)
-        body: bytes = resp.body
+        body: bytes = resp.body  # type: ignore[assignment]  # _one_write checked it
         status = resp.status
         method = request.method
-        headers: CIMultiDict[str] = resp.headers
-        empty = must_be_empty_body(method, status)
-        if empty:
+        headers = resp.headers
+        if must_be_empty_body(method, status):
             if status < 200 or status == 204:
                 headers.popall(hdrs.CONTENT_LENGTH, None)
             headers.popall(hdrs.TRANSFER_ENCODING, None)
             body = b""
         elif hdrs.CONTENT_LENGTH not in headers:
             headers[hdrs.CONTENT_LENGTH] = str(len(body))
+        elif headers[hdrs.CONTENT_LENGTH] != str(len(body)):
+            raise ValueError("Content-Length does not match the body")
         if body:
             headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
         if hdrs.DATE not in headers:
@@ -275,16 +316,21 @@ class Connection(BaseProtocol):
         keep_alive = resp.keep_alive
         if keep_alive is None:
             keep_alive = request.keep_alive
-        last = self._closing and not self._messages  # shutting down, or nothing more to trust
+        keep_alive = keep_alive and not self._last()
         version = request.version
         if hdrs.CONNECTION not in headers:
-            if keep_alive and not last and version == HttpVersion10:
+            if keep_alive and version == HttpVersion10:
                 headers[hdrs.CONNECTION] = "keep-alive"
-            elif (not keep_alive or last) and version == HttpVersion11:
+            elif not keep_alive and version == HttpVersion11:
                 headers[hdrs.CONNECTION] = "close"
         line = f"HTTP/{version.major}.{version.minor} {status} {resp.reason}"
-        await self._write(_serialize_headers(line, headers) + body)  # refuses CR/LF in headers
+        head = _serialize_headers(line, headers)  # refuses CR/LF in the status line and headers
+        await self._write(head + body)
         return keep_alive
+
+    def _last(self) -> bool:
+        """This answer is the connection's last: it is shutting down or read its last request."""
+        return self._closing and not self._messages
 
     async def _write(self, data: bytes) -> None:
         transport = self.transport
@@ -296,6 +342,9 @@ class Connection(BaseProtocol):
 
     def payload_writer(self) -> StreamWriter:
         return StreamWriter(self, self._loop)
+
+    def closing(self) -> bool:
+        return self._last()
 
     # -- timers and shutdown ---------------------------------------------------------------------
 
@@ -318,7 +367,7 @@ class Connection(BaseProtocol):
             self.transport.close()
 
     def close(self) -> None:
-        """Finish the request in flight, if any, and close (shutdown's first step)."""
+        """Serve no new request; close now if idle (shutdown's first step)."""
         self._closing = True
         if self._current is None and not self._messages and self.transport is not None:
             self.transport.close()
@@ -337,6 +386,16 @@ class Connection(BaseProtocol):
             self.transport.close()
 
 
+def _one_write(resp: web.Response) -> bool:
+    """Whether :meth:`Connection._send` can write it: bytes, no coding, no cookie jar."""
+    return (
+        isinstance(resp.body, bytes)
+        and not resp.chunked
+        and not resp.compression
+        and not getattr(resp, "_cookies", None)
+    )
+
+
 async def _linger(payload: StreamReader) -> bool:
     """Read and drop a body nobody read, so the client sees the answer before the close."""
     try:
@@ -348,17 +407,15 @@ async def _linger(payload: StreamReader) -> bool:
     return True
 
 
-def _error(status: int, code: str, message: str) -> bytes:
-    """A JSON error answer for what never reached the handler; the connection closes after."""
-    if not 400 <= status < 600:
-        status = 400
+def _error(status: int, code: str, message: str, method: str = "") -> bytes:
+    """A JSON error answer the handler did not give; the connection closes after it."""
     body = b'{"error":{"code":"%s","message":"%s"}}' % (code.encode(), message.encode())
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         f"Date: {rfc822_formatted_time()}\r\nConnection: close\r\n\r\n"
     )
-    return head.encode() + body
+    return head.encode() + (b"" if method == "HEAD" else body)
 
 
 _REASONS = {
@@ -368,6 +425,7 @@ _REASONS = {
     417: "Expectation Failed",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    504: "Gateway Timeout",
 }
 
 

@@ -9,11 +9,14 @@ typed with it, so it works with either.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp._cookie_helpers import parse_cookie_header  # what web.Request.cookies uses
 from aiohttp.helpers import HeadersMixin
-from aiohttp.http import HttpVersion, RawRequestMessage
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion, RawRequestMessage
 from aiohttp.streams import EmptyStreamReader, StreamReader
 from multidict import CIMultiDictProxy, MultiDictProxy, MultiMapping
 from yarl import URL
@@ -71,6 +74,7 @@ class Connection(Protocol):
     secure: bool
 
     def payload_writer(self) -> AbstractStreamWriter: ...
+    def closing(self) -> bool: ...
 
 
 class Incoming(HeadersMixin):
@@ -94,8 +98,9 @@ class Incoming(HeadersMixin):
         self._writer: AbstractStreamWriter | None = None
         self.app = app
 
-    def __repr__(self) -> str:  # the method and path only: never headers or the body
-        return f"<Incoming {self._message.method} {self._message.path}>"
+    def __repr__(self) -> str:  # the method and path only: no query, headers or body
+        path = self._message.url.path.encode("utf-8", "backslashreplace").decode("ascii")
+        return f"<Incoming {self._message.method} {path}>"
 
     # -- the message ----------------------------------------------------------------------------
 
@@ -130,6 +135,33 @@ class Incoming(HeadersMixin):
     @property
     def keep_alive(self) -> bool:
         return not self._message.should_close
+
+    # -- more of web.Request, for plugins (not in RequestView) -----------------------------------
+
+    @property
+    def host(self) -> str:
+        return self._message.headers.get(hdrs.HOST, "")
+
+    @property
+    def query_string(self) -> str:
+        return self._message.url.query_string
+
+    @property
+    def path_qs(self) -> str:
+        return str(self._message.url)
+
+    @property
+    def url(self) -> URL:
+        return URL.build(scheme=self.scheme, authority=self.host).join(self._message.url)
+
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return self._message.raw_headers
+
+    @property
+    def cookies(self) -> Mapping[str, str]:
+        parsed = parse_cookie_header(self._message.headers.get(hdrs.COOKIE, ""))
+        return MappingProxyType({name: morsel.value for name, morsel in parsed})
 
     # -- the body -------------------------------------------------------------------------------
 
@@ -192,7 +224,13 @@ class Incoming(HeadersMixin):
         return self._writer
 
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
-        return None
+        """Between aiohttp's header rules and the write: its own Server header does not go out
+        (the one-write path never adds it), and a last answer says it is the last."""
+        headers = response.headers
+        if headers.get(hdrs.SERVER) == SERVER_SOFTWARE:
+            del headers[hdrs.SERVER]
+        if self._conn.closing() and hdrs.CONNECTION not in headers:
+            headers[hdrs.CONNECTION] = "close"
 
 
 def base_request(request: RequestView) -> web.BaseRequest:
