@@ -49,6 +49,9 @@ JSON_TYPES = ("application/json",)
 # JSON whose values sit where no field selector looks (RFC 6902 puts them under "value").
 OPAQUE_JSON = frozenset({"application/json-patch+json"})
 SMALL_BODY = 256 * 1024  # bodies up to this size with a known length are sent in one write
+# CONNECT asks for a tunnel, TRACE echoes the request (credentials included) back: neither has a
+# place behind a field-encrypting proxy (nginx refuses TRACE too).
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 
 
 def is_json(content_type: str) -> bool:
@@ -128,6 +131,10 @@ class Proxy:
         route: CompiledRoute | None = None
         step = "route"
         try:
+            if request.method in REFUSED_METHODS:
+                raise RequestError(
+                    f"{request.method} is not proxied", status=405, code="method_not_allowed"
+                )
             forward.check_path(request)
             match = self.router.match(request.method, request.path)
             headers = request.headers
@@ -232,6 +239,8 @@ class Proxy:
             raise RequestError(
                 "the request body did not arrive in time", status=408, code="body_timeout"
             ) from None
+        except forward.BODY_ERRORS as exc:
+            raise forward.bad_body(exc) from None
         # A decoded body goes upstream without Content-Encoding (transformed bodies drop it).
         return forward.gunzip_limited(body, limit, what="request body") if gzipped else body
 
@@ -321,16 +330,23 @@ class Proxy:
             upstream.release()
 
     async def _read_small_body(self, request: RequestView) -> bytes:
-        """A small body read whole; a client that stalls mid-body gets a 408, not a held handler."""
-        if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
-            return await request.read()
+        """A small body read whole; a client that stalls mid-body gets a 408, not a held handler.
+
+        Read from ``content``, not ``request.read()``: on aiohttp's engine that would refuse a
+        pass-through body over ``server.max_body_size``, the limit for bodies a route transforms.
+        """
+        content = request.content
         try:
+            if content.is_eof():  # all of it arrived with the head: nothing to wait for
+                return await content.read()
             async with asyncio.timeout(self.settings.server.body_timeout):
-                return await request.read()
+                return await content.read()
         except TimeoutError:
             raise RequestError(
                 "the request body did not arrive in time", status=408, code="body_timeout"
             ) from None
+        except forward.BODY_ERRORS as exc:
+            raise forward.bad_body(exc) from None
 
     async def _respond_streamed(
         self, request: RequestView, upstream: UpstreamResponse

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from aiohttp.http import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from ..errors import RequestError, SidecryptError
@@ -149,6 +150,18 @@ class Readable(Protocol):
     async def readany(self) -> bytes: ...
 
 
+# What reading a client's body raises when the client breaks it: bad framing (the parser's own
+# error, or aiohttp's RequestPayloadError around it), a short body, a reset.
+BODY_ERRORS = (HttpProcessingError, RequestPayloadError, OSError)
+
+
+def bad_body(exc: BaseException) -> RequestError:
+    """A 400 naming the error's type only: its text may quote the client's bytes."""
+    return RequestError(
+        f"the request body could not be read ({type(exc).__name__})", code="bad_request_body"
+    )
+
+
 async def read_limited(stream: Readable, limit: int, *, what: str) -> bytes:
     """Read a whole body, refusing (413) as soon as it passes ``limit``."""
     chunks: list[bytes] = []
@@ -186,11 +199,8 @@ async def iter_body(stream: Readable, idle_timeout: float | None = None) -> Asyn
             raise RequestError(
                 "the request body did not arrive in time", status=408, code="body_timeout"
             ) from None
-        except (HttpProcessingError, OSError) as exc:  # their text may quote the client's bytes
-            raise RequestError(
-                f"the request body could not be read ({type(exc).__name__})",
-                code="bad_request_body",
-            ) from None
+        except BODY_ERRORS as exc:
+            raise bad_body(exc) from None
         if not chunk:
             return
         yield chunk
