@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import socket
 import ssl
@@ -29,7 +30,7 @@ from multidict import CIMultiDict
 from tests.conftest import Certs, RunningProxy, Upstream
 from tests.proxy.raw_upstream import RawConn, RawRequest, RawUpstream, response, serve, until
 
-from sidecrypt import config, hookimpl
+from sidecrypt import appkeys, config, hookimpl
 from sidecrypt.config import Settings
 from sidecrypt.envelope import is_envelope
 from sidecrypt.keyring import create_key
@@ -249,6 +250,34 @@ def assert_error(resp: Resp, statuses: tuple[int, ...]) -> None:
     assert set(resp.json()) == {"error"} and resp.json()["error"]["code"], resp.body
 
 
+@dataclass
+class Observer:
+    """A plugin's request observer (``appkeys.REQUEST_OBSERVERS``, as the metrics plugin adds
+    one): called in the handler once the answer is made, streamed answers already written."""
+
+    fn: Callable[[Any, int, float], None]
+
+    @hookimpl
+    def sidecrypt_app(self, app: web.Application, settings: Settings) -> None:
+        app[appkeys.REQUEST_OBSERVERS].append(self.fn)
+
+
+def raises_for(prefix: str) -> Observer:
+    """An observer with a bug: it raises for the paths under ``prefix``."""
+
+    def observe(request: Any, status: int, seconds: float) -> None:
+        if request.path.startswith(prefix):
+            raise RuntimeError(CANARY)
+
+    return Observer(observe)
+
+
+async def handled(env: Env) -> None:
+    """Wait until the proxy serves a request (its head parsed, its body maybe not)."""
+    async with asyncio.timeout(LIMIT):
+        await until(lambda: any(c._current is not None for c in env.front.conns), "handled")
+
+
 # -- keep-alive ---------------------------------------------------------------------------------
 
 
@@ -436,6 +465,27 @@ async def test_a_pipelined_flood_is_answered_completely(make_env: MakeEnv) -> No
     assert bodies == [f"/f{i}".encode() for i in range(n)]
 
 
+async def test_pipelining_after_a_body_that_came_in_a_later_read(make_env: MakeEnv) -> None:
+    """The parser counts requests in flight until told each is done: a body read in a later
+    read once made that count drift, and 20 pipelined GETs afterwards got 8 answers."""
+    env = await make_env(keepalive_timeout=2.0)
+    reader, writer = await env.open()
+    n = 20
+    try:
+        writer.write(get("/p", "Content-Length: 5", method="POST"))
+        await handled(env)  # the head is being served before the body arrives
+        writer.write(b"hello")
+        assert (await read_response(reader)).body == b"hello"
+        writer.write(b"".join(get(f"/g{i}") for i in range(n)))
+        bodies = []
+        with contextlib.suppress(asyncio.IncompleteReadError):  # an early close ends the list
+            for _ in range(n):
+                bodies.append((await read_response(reader)).body)
+    finally:
+        await shut(writer)
+    assert bodies == [f"/g{i}".encode() for i in range(n)]
+
+
 # -- malformed heads ----------------------------------------------------------------------------
 
 MALFORMED = {
@@ -498,6 +548,33 @@ async def test_a_bad_chunk_mid_body_fails_the_request_at_once(
     assert b"/up" not in data  # whatever the answer, not the upstream's success
 
 
+async def test_a_bad_chunk_mid_body_on_an_encrypting_route_gets_a_4xx(make_env: MakeEnv) -> None:
+    """The route buffers the body to encrypt it: the read fails with the parser's error, which
+    is the client's fault (a JSON 4xx), at once rather than at body_timeout."""
+    env = await make_env(body_timeout=30.0)
+    reader, writer = await env.open()
+    try:
+        writer.write(
+            get(
+                "/docs",
+                "Content-Type: application/json",
+                "Transfer-Encoding: chunked",
+                method="POST",
+            )
+            + chunk(b'{"secret": "' + CANARY.encode())
+        )
+        await handled(env)
+        writer.write(b"zz\r\n")
+        resp = await read_response(reader)  # LIMIT is far below body_timeout
+        assert resp.status == 400 and resp.json()["error"]["code"] == "bad_request_body"
+        assert (resp.get("Content-Type") or "").startswith("application/json")
+        assert CANARY.encode() not in resp.body
+        assert await closed(reader) == b""
+    finally:
+        await shut(writer)
+    assert env.up.seen == []
+
+
 # -- Expect -------------------------------------------------------------------------------------
 
 
@@ -535,6 +612,32 @@ async def test_other_expectations_get_417_and_nothing_goes_upstream(make_env: Ma
     assert env.up.seen == []
 
 
+async def test_an_unknown_expectation_on_http10_is_ignored(make_env: MakeEnv) -> None:
+    """Expect is HTTP/1.1's (RFC 9110 10.1.1): an HTTP/1.0 request carrying one is served."""
+    env = await make_env()
+    reader, writer = await env.open()
+    try:
+        writer.write(
+            get(
+                "/e",
+                "Expect: something-else",
+                "Content-Type: application/json",
+                "Content-Length: 7",
+                "Connection: keep-alive",
+                version="1.0",
+                method="POST",
+            )
+            + b'{"e":1}'
+        )
+        resp = await read_response(reader)
+        assert (resp.version, resp.status, resp.body) == ("HTTP/1.0", 200, b'{"e":1}')
+        writer.write(get("/again", "Connection: keep-alive", version="1.0"))
+        assert (await read_response(reader)).body == b"/again"
+    finally:
+        await shut(writer)
+    assert env.seen_paths() == ["/e", "/again"]
+
+
 # -- Upgrade ------------------------------------------------------------------------------------
 
 
@@ -564,6 +667,79 @@ async def test_an_upgrade_is_answered_then_the_connection_closes(make_env: MakeE
         assert "upgrade" not in dict((k.lower(), v.lower()) for k, v in seen.headers).get(
             "connection", ""
         )
+
+
+WS_UPGRADE = ("Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13")
+H2C_UPGRADE = ("Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABk")
+
+
+async def test_a_websocket_upgrade_whose_body_comes_later_is_served_whole(
+    make_env: MakeEnv,
+) -> None:
+    """The upgrade request's body is read to its end before the connection stops parsing (it
+    was dropped after the head, and the handler waited for body_timeout)."""
+    env = await make_env(body_timeout=LIMIT * 2)
+    body = b"0123456789"
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/ws", *WS_UPGRADE, f"Content-Length: {len(body)}", method="POST"))
+        writer.write(body[:5])
+        await handled(env)
+        writer.write(body[5:])
+        resp = await read_response(reader)
+        assert (resp.status, resp.body) == (200, body)
+        assert resp.get("Connection") == "close"
+        assert await closed(reader) == b""
+    finally:
+        await shut(writer)
+    (seen,) = env.up.seen
+    assert seen.body == body and "upgrade" not in {k.lower() for k, _ in seen.headers}
+
+
+async def test_an_h2c_upgrade_whose_body_comes_later_is_served_whole(make_env: MakeEnv) -> None:
+    """Same for h2c, which aiohttp's parser does not treat as an upgrade (only websocket): the
+    request is served as plain HTTP/1.1 and the connection carries on, as on aiohttp's engine."""
+    env = await make_env(body_timeout=LIMIT * 2)
+    body = bytes(range(256)) * 800  # 200 KiB, most of it in a later read
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/h2c", *H2C_UPGRADE, f"Content-Length: {len(body)}", method="POST"))
+        writer.write(body[:1000])
+        await handled(env)
+        writer.write(body[1000:])
+        resp = await read_response(reader)
+        assert (resp.status, resp.body) == (200, body)
+        writer.write(get("/after"))
+        assert (await read_response(reader)).body == b"/after"
+    finally:
+        await shut(writer)
+    assert env.seen_paths() == ["/h2c", "/after"]
+    assert env.up.seen[0].body == body
+    assert "upgrade" not in {k.lower() for k, _ in env.up.seen[0].headers}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="regression of 573214b (passes on 573214b^, which closed after any "
+    "message.upgrade): llhttp pauses after every request with Connection: Upgrade + Upgrade, "
+    "and for a non-websocket one (h2c) aiohttp's C parser (3.14.5) resumes but returns neither "
+    "upgraded=True nor the rest of the read, so front.py (now closing only on upgraded) keeps "
+    "the connection and the request pipelined behind it in that read is silently lost: the "
+    "client waits for keepalive_timeout (aiohttp's engine does the same)",
+)
+async def test_a_request_pipelined_behind_an_h2c_upgrade_is_answered_or_refused(
+    make_env: MakeEnv,
+) -> None:
+    env = await make_env(keepalive_timeout=30.0)
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/h2c", *H2C_UPGRADE) + get("/after"))
+        assert (await read_response(reader)).body == b"/h2c"
+        async with asyncio.timeout(1.0):  # an answer, or a close: not silence
+            rest = await reader.read(65536)
+        assert rest == b"" or rest.startswith(b"HTTP/1.1 200 ")
+    finally:
+        await shut(writer)
 
 
 # -- idle timeout -------------------------------------------------------------------------------
@@ -689,6 +865,64 @@ async def test_lingering_outlasts_the_idle_timeout(make_env: MakeEnv) -> None:
     finally:
         await shut(writer)
     assert env.seen_paths() == ["/next"]
+
+
+async def test_lingering_past_the_idle_deadline_of_the_request_before(make_env: MakeEnv) -> None:
+    """A refused upload that starts just before the idle deadline and ends after it: the
+    connection is busy while its body is drained, and carries the next request after."""
+    idle = 0.6  # the slack below is half of it, for a loaded machine
+    env = await make_env(keepalive_timeout=idle)
+    head, first, rest = _refused_upload("length")
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/x"))
+        assert (await read_response(reader)).body == b"/x"
+        await asyncio.sleep(idle / 2)  # the idle deadline is near
+        writer.write(head + first)
+        assert (await read_response(reader)).status == 415
+        await asyncio.sleep(idle)  # the deadline set after /x has passed, the body is unfinished
+        writer.write(rest + get("/next"))
+        assert (await read_response(reader)).body == b"/next"
+    finally:
+        await shut(writer)
+    assert env.seen_paths() == ["/x", "/next"]
+
+
+CLOSE_BODY = 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_a_refused_upload_on_a_closing_connection_is_drained_before_the_close(
+    make_env: MakeEnv, version: str
+) -> None:
+    """Answered before its body is read, and the connection's last answer: the body is still
+    drained (closing with unread bytes resets the connection, and the client loses the answer
+    while it is still sending)."""
+    env = await make_env()
+    extra = ("Connection: close",) if version == "1.1" else ()
+    head = get(
+        "/docs",
+        "Content-Type: text/plain",
+        f"Content-Length: {CLOSE_BODY}",
+        *extra,
+        version=version,
+        method="POST",
+    )
+    reader, writer = await env.open()
+    try:
+        writer.write(head)
+        piece = b"t" * 65536
+        async with asyncio.timeout(LIMIT):
+            for _ in range(CLOSE_BODY // len(piece)):
+                writer.write(piece)
+                await writer.drain()  # ConnectionResetError here: the proxy reset the connection
+        resp = await read_response(reader)
+        assert resp.status in (413, 415) and set(resp.json()) == {"error"}  # too big or text
+        assert resp.get("Connection") in (("close",) if version == "1.1" else (None, "close"))
+        assert await closed(reader) == b""
+    finally:
+        await shut(writer)
+    assert env.up.seen == []
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
@@ -1062,6 +1296,150 @@ async def test_a_failing_handler_gets_a_500_and_a_close() -> None:
             await shut(writer)
 
 
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        ("not-a-response", 500),
+        ("timeout", 504),
+        ("crlf-response", 500),
+        pytest.param(
+            "crlf-stream",
+            500,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="front.py _exchange: a StreamResponse whose header has CR/LF fails in "
+                "prepare() after Incoming._payload_writer made request._writer, so _failed() "
+                "takes it for an answer already begun and only closes: no 500, though nothing "
+                "was written (the one-write path gets its 500)",
+            ),
+        ),
+        ("wrong-length", 500),
+    ],
+)
+async def test_a_handler_answer_that_cannot_be_sent_gets_a_json_error(
+    kind: str, status: int
+) -> None:
+    """What Proxy.handle should never produce still gets a JSON error, never a bad write."""
+
+    async def handler(request: Any) -> Any:
+        if kind == "not-a-response":
+            return {"body": CANARY}
+        if kind == "timeout":
+            raise TimeoutError(CANARY)
+        resp = web.StreamResponse() if kind == "crlf-stream" else web.Response(body=b"ok")
+        if kind == "wrong-length":
+            resp.headers["Content-Length"] = "5"  # 3 bytes of the next answer would be its end
+        else:
+            resp.headers["X-Evil"] = "a\r\nX-Injected: 1"
+        return resp
+
+    async with bare_front(handler) as (_, port):
+        reader, writer = await open_raw(port)
+        try:
+            writer.write(get("/x") + get("/after"))
+            resp = await read_response(reader)
+            assert_error(resp, (status,))
+            assert CANARY.encode() not in resp.body and b"Injected" not in resp.raw_head
+            assert await closed(reader) == b""
+        finally:
+            await shut(writer)
+
+
+# -- plugin observers: failures after the answer, context, sockets -------------------------------
+
+
+async def test_an_observer_failing_after_a_streamed_answer_only_closes(make_env: MakeEnv) -> None:
+    """The streamed answer is out when the observer raises: a 500 written now would be read as
+    the answer to the request pipelined behind it."""
+    env = await make_env(plugins=(raises_for("/big"),))
+    assert isinstance(env.runner.server, front.FrontServer)  # an observer keeps the lean engine
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/big") + get("/next"))
+        resp = await read_response(reader)
+        assert (resp.status, resp.body) == (200, b"b" * BIG)
+        assert await closed(reader) == b""  # no second answer: the connection just ends
+    finally:
+        await shut(writer)
+    assert env.seen_paths() == ["/big"]
+
+
+async def test_an_observer_failing_before_the_answer_gets_a_500(make_env: MakeEnv) -> None:
+    env = await make_env(plugins=(raises_for("/boom"),))
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/boom") + get("/next"))
+        resp = await read_response(reader)
+        assert_error(resp, (500,))  # nothing was written yet: the small answer is replaced
+        assert CANARY.encode() not in resp.body
+        assert await closed(reader) == b""
+    finally:
+        await shut(writer)
+    assert env.seen_paths() == ["/boom"]
+
+
+async def test_a_failing_head_request_gets_a_500_head_without_a_body(make_env: MakeEnv) -> None:
+    """A body after a HEAD answer is read by the client as the start of the next answer."""
+    env = await make_env(plugins=(raises_for("/boom"),))
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/boom", method="HEAD") + get("/next"))
+        resp = await read_response(reader, "HEAD")
+        assert resp.status == 500 and resp.get("Content-Type") == "application/json"
+        assert resp.get("Connection") == "close"
+        assert await closed(reader) == b""  # not a byte after the head
+    finally:
+        await shut(writer)
+    assert env.seen_paths() == ["/boom"]
+
+
+PRINCIPAL_VAR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "test_front_principal", default=None
+)
+
+
+async def test_a_contextvar_a_plugin_sets_does_not_leak_into_the_next_request(
+    make_env: MakeEnv,
+) -> None:
+    """Each request runs in a context of its own, as on aiohttp's engine: a principal or trace
+    id a plugin keeps in a ContextVar is not the next request's."""
+    notes: list[tuple[str, str | None]] = []
+
+    def observe(request: Any, status: int, seconds: float) -> None:
+        notes.append((request.path, PRINCIPAL_VAR.get()))
+        PRINCIPAL_VAR.set("user-of-" + request.path)
+
+    env = await make_env(plugins=(Observer(observe),))
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/alice") + get("/bob"))  # pipelined: one connection serves both
+        assert [(await read_response(reader)).body for _ in range(2)] == [b"/alice", b"/bob"]
+        writer.write(get("/carol"))
+        assert (await read_response(reader)).body == b"/carol"
+    finally:
+        await shut(writer)
+    assert notes == [("/alice", None), ("/bob", None), ("/carol", None)]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_client_sockets_have_tcp_keepalive(make_env: MakeEnv, tls: bool) -> None:
+    """As aiohttp's server: a peer that vanished without a FIN is noticed by the kernel."""
+    flags: list[int] = []
+
+    def observe(request: Any, status: int, seconds: float) -> None:
+        sock = request.transport.get_extra_info("socket")
+        flags.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+
+    env = await make_env(tls=tls, plugins=(Observer(observe),))
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/ka"))
+        assert (await read_response(reader)).body == b"/ka"
+    finally:
+        await shut(writer)
+    assert len(flags) == 1 and flags[0] != 0, flags
+
+
 # -- graceful shutdown --------------------------------------------------------------------------
 
 
@@ -1234,7 +1612,7 @@ def _parser(proto: Any, loop: asyncio.AbstractEventLoop) -> Any:
 
 
 async def test_pin_the_request_parser() -> None:
-    from aiohttp.http_parser import HttpRequestParserC  # type: ignore[attr-defined]
+    from aiohttp.http_parser import HttpRequestParserC
 
     assert HttpRequestParser is HttpRequestParserC  # the C parser (llhttp), not the Python one
     loop = asyncio.get_running_loop()
@@ -1365,24 +1743,59 @@ async def test_pin_runner_server_is_what_the_site_serves(tmp_path: Path) -> None
 # -- Incoming -----------------------------------------------------------------------------------
 
 
-async def test_incoming_repr_shows_method_and_path_only() -> None:
-    loop = asyncio.get_running_loop()
-    parser = _parser(BaseProtocol(loop), loop)
-    raw = get("/r?token=" + CANARY, f"Authorization: Bearer {CANARY}", f"X-Canary: {CANARY}")
-    (message, payload), *_ = parser.feed_data(raw)[0]
+def _incoming(raw: bytes, loop: asyncio.AbstractEventLoop) -> Incoming:
+    """An Incoming for one parsed head, on a connection that must never be written to."""
+    (message, payload), *_ = _parser(BaseProtocol(loop), loop).feed_data(raw)[0]
 
     class Conn:
-        transport = None
+        transport: Any = None
         peername = ("127.0.0.1", 1)
         secure = False
 
         def payload_writer(self) -> Any:
             raise AssertionError
 
-    text = repr(Incoming(message, payload, Conn()))
-    assert text.startswith("<Incoming GET /r")
-    assert "Bearer" not in text and "X-Canary" not in text
-    assert f"Authorization: Bearer {CANARY}" not in text
+        def closing(self) -> bool:
+            raise AssertionError
+
+    return Incoming(message, payload, Conn())
+
+
+async def test_incoming_repr_shows_method_and_path_only() -> None:
+    raw = get("/r?token=" + CANARY, f"Authorization: Bearer {CANARY}", f"X-Canary: {CANARY}")
+    text = repr(_incoming(raw, asyncio.get_running_loop()))
+    assert text == "<Incoming GET /r>"
+    assert "Bearer" not in text and "X-Canary" not in text and CANARY not in text
+
+
+@pytest.mark.parametrize(
+    ("target", "shown"),
+    [
+        (f"/r?token={CANARY}", "/r"),
+        (f"/r?a=1&token={CANARY}&b", "/r"),
+        (f"/r/{CANARY[:6]}?{CANARY}", f"/r/{CANARY[:6]}"),
+        (f"http://h.test/abs?token={CANARY}", "/abs"),
+    ],
+)
+async def test_incoming_repr_never_shows_the_query(target: str, shown: str) -> None:
+    """Tokens travel in query strings: a repr in a log line must not carry them."""
+    text = repr(_incoming(get(target), asyncio.get_running_loop()))
+    assert text == f"<Incoming GET {shown}>"
+    assert CANARY not in text and "token" not in text
+
+
+@pytest.mark.xfail(
+    raises=UnicodeDecodeError,
+    strict=True,
+    reason="incoming.py __repr__ (573214b): url.path.encode('utf-8', 'backslashreplace')"
+    ".decode('ascii') raises UnicodeDecodeError for any non-ASCII path (utf-8 never calls the "
+    "error handler; encode('ascii', 'backslashreplace') was meant), so repr() of a request for "
+    "/r%C3%A9 raises, e.g. in a log line",
+)
+async def test_incoming_repr_of_a_non_ascii_path() -> None:
+    text = repr(_incoming(get(f"/r%C3%A9?token={CANARY}"), asyncio.get_running_loop()))
+    assert text.isascii() and text.startswith("<Incoming GET /r") and text.endswith(">")
+    assert CANARY not in text and "token" not in text
 
 
 @dataclass
@@ -1408,6 +1821,12 @@ class Recorder:
                 "secure": request.secure,
                 "canary": request.headers.get("X-Canary"),
                 "has_transport": request.transport is not None,
+                "host": request.host,
+                "url": str(request.url),
+                "path_qs": request.path_qs,
+                "query_string": request.query_string,
+                "raw_headers": request.raw_headers,
+                "cookies": dict(request.cookies),
             }
         )
 
@@ -1415,8 +1834,9 @@ class Recorder:
 def _identify_requests() -> list[bytes]:
     doc = json.dumps({"secret": "s"}).encode()
     canary = f"X-Canary: {CANARY}"
+    cookie = f'Cookie: a=1; b="q v"; c=; session={CANARY}'
     return [
-        post("/docs?a=1&a=2&b=%20x", doc, "application/json; charset=utf-8", canary),
+        post("/docs?a=1&a=2&b=%20x", doc, "application/json; charset=utf-8", canary, cookie),
         get(
             "/docs",
             "Content-Type: application/json",
@@ -1430,6 +1850,9 @@ def _identify_requests() -> list[bytes]:
         get("/docs", "Content-Length: 0", canary, method="POST"),
         post("/docs", doc, "application/vnd.x+json", canary),
         post("/docs", b"plain", "Text/Plain;charset=latin-1", canary),
+        post("/docs?x=%2F&y=%C3%A9&z", doc, "application/json", canary, "Cookie: k=v").replace(
+            b"Host: localhost", b"Host: Example.TEST:8443"
+        ),
     ]
 
 
@@ -1455,7 +1878,13 @@ async def test_incoming_says_what_web_request_says(make_env: MakeEnv, tls: bool)
         del mine["type"], theirs["type"]
         assert mine == theirs
     assert lean[0]["query"] == [("a", "1"), ("a", "2"), ("b", " x")]
-    assert [v["body_exists"] for v in lean] == [True, True, False, False, True, True]
+    assert [v["body_exists"] for v in lean] == [True, True, False, False, True, True, True]
+    assert lean[0]["cookies"] == {"a": "1", "b": "q v", "c": "", "session": CANARY}
+    assert lean[0]["query_string"] == "a=1&a=2&b= x"
+    assert lean[-1]["host"] == "Example.TEST:8443"
+    assert lean[-1]["path_qs"] == "/docs?x=%2F&y=%C3%A9&z"
+    scheme = "https" if tls else "http"
+    assert lean[-1]["url"] == f"{scheme}://example.test:8443/docs?x=%2F&y=%C3%A9&z"
     assert lean[1]["content_length"] is None and lean[0]["content_type"] == "application/json"
     assert all(v["secure"] is tls and v["remote"] == "127.0.0.1" for v in lean)
     assert not any(v["repr_has_canary"] for v in lean)
