@@ -698,7 +698,8 @@ async def test_a_websocket_upgrade_whose_body_comes_later_is_served_whole(
 
 async def test_an_h2c_upgrade_whose_body_comes_later_is_served_whole(make_env: MakeEnv) -> None:
     """Same for h2c, which aiohttp's parser does not treat as an upgrade (only websocket): the
-    request is served as plain HTTP/1.1 and the connection carries on, as on aiohttp's engine."""
+    request is served whole as plain HTTP/1.1, then the connection closes, as after any upgrade
+    request (its parser stops returning what follows such a request in the same read)."""
     env = await make_env(body_timeout=LIMIT * 2)
     body = bytes(range(256)) * 800  # 200 KiB, most of it in a later read
     reader, writer = await env.open()
@@ -709,24 +710,15 @@ async def test_an_h2c_upgrade_whose_body_comes_later_is_served_whole(make_env: M
         writer.write(body[1000:])
         resp = await read_response(reader)
         assert (resp.status, resp.body) == (200, body)
-        writer.write(get("/after"))
-        assert (await read_response(reader)).body == b"/after"
+        assert resp.get("Connection") == "close"
+        assert await closed(reader) == b""
     finally:
         await shut(writer)
-    assert env.seen_paths() == ["/h2c", "/after"]
+    assert env.seen_paths() == ["/h2c"]
     assert env.up.seen[0].body == body
     assert "upgrade" not in {k.lower() for k, _ in env.up.seen[0].headers}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="regression of 573214b (passes on 573214b^, which closed after any "
-    "message.upgrade): llhttp pauses after every request with Connection: Upgrade + Upgrade, "
-    "and for a non-websocket one (h2c) aiohttp's C parser (3.14.5) resumes but returns neither "
-    "upgraded=True nor the rest of the read, so front.py (now closing only on upgraded) keeps "
-    "the connection and the request pipelined behind it in that read is silently lost: the "
-    "client waits for keepalive_timeout (aiohttp's engine does the same)",
-)
 async def test_a_request_pipelined_behind_an_h2c_upgrade_is_answered_or_refused(
     make_env: MakeEnv,
 ) -> None:
@@ -1302,17 +1294,7 @@ async def test_a_failing_handler_gets_a_500_and_a_close() -> None:
         ("not-a-response", 500),
         ("timeout", 504),
         ("crlf-response", 500),
-        pytest.param(
-            "crlf-stream",
-            500,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="front.py _exchange: a StreamResponse whose header has CR/LF fails in "
-                "prepare() after Incoming._payload_writer made request._writer, so _failed() "
-                "takes it for an answer already begun and only closes: no 500, though nothing "
-                "was written (the one-write path gets its 500)",
-            ),
-        ),
+        ("crlf-stream", 500),
         ("wrong-length", 500),
     ],
 )
@@ -1784,14 +1766,6 @@ async def test_incoming_repr_never_shows_the_query(target: str, shown: str) -> N
     assert CANARY not in text and "token" not in text
 
 
-@pytest.mark.xfail(
-    raises=UnicodeDecodeError,
-    strict=True,
-    reason="incoming.py __repr__ (573214b): url.path.encode('utf-8', 'backslashreplace')"
-    ".decode('ascii') raises UnicodeDecodeError for any non-ASCII path (utf-8 never calls the "
-    "error handler; encode('ascii', 'backslashreplace') was meant), so repr() of a request for "
-    "/r%C3%A9 raises, e.g. in a log line",
-)
 async def test_incoming_repr_of_a_non_ascii_path() -> None:
     text = repr(_incoming(get(f"/r%C3%A9?token={CANARY}"), asyncio.get_running_loop()))
     assert text.isascii() and text.startswith("<Incoming GET /r") and text.endswith(">")

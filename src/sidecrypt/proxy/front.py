@@ -163,11 +163,12 @@ class Connection(BaseProtocol):
         try:
             messages, upgraded, _ = self._parser.feed_data(data)
         except HttpProcessingError as exc:
-            # Nothing after a malformed head can be trusted; a body cut by bad framing fails
-            # now rather than at body_timeout.
+            # Nothing after a malformed head can be trusted. A body cut by bad framing fails now
+            # rather than at body_timeout, and its request's handler answers (400); only an
+            # error between requests gets an answer of its own.
             self._stopped = True
-            self._fail_bodies(exc)
-            messages, upgraded = [(exc, EMPTY_PAYLOAD)], False
+            messages = [] if self._fail_bodies(exc) else [(exc, EMPTY_PAYLOAD)]
+            upgraded = False
         if upgraded:  # the upgrade request's body is complete; what follows is not ours to read
             self._stopped = True
         if messages and not self._closing:
@@ -179,10 +180,14 @@ class Connection(BaseProtocol):
         if self._stopped:
             self._closing = True
 
-    def _fail_bodies(self, exc: BaseException) -> None:
+    def _fail_bodies(self, exc: BaseException) -> bool:
+        """Fail every body still being received; whether there was one."""
+        failed = False
         for payload in (self._current, *(p for _, p in self._messages)):
             if payload is not None and not payload.is_eof():
                 payload.set_exception(exc)
+                failed = True
+        return failed
 
     def _drained(self) -> None:
         """Room in the queue again. The parser stops at MAX_PIPELINED requests in flight and
@@ -213,6 +218,10 @@ class Connection(BaseProtocol):
                     status = message.code if 400 <= message.code < 500 else 400
                     await self._write(_error(status, "bad_request", "malformed request"))
                     break
+                if message.upgrade:
+                    # Not proxied: answered as a plain request, then the connection closes
+                    # (aiohttp's parser stops reading after some upgrade requests).
+                    self._closing = True
                 self._current = payload
                 try:
                     request = Incoming(message, payload, self, self._server.app)
@@ -275,7 +284,8 @@ class Connection(BaseProtocol):
 
     async def _failed(self, request: Incoming, exc: Exception) -> bool:
         """A handler that raised: 500 (504 for a timeout), or only a close once an answer began."""
-        if request._writer is not None:  # headers may be out: a second answer would desync
+        writer = request._writer
+        if writer is not None and writer.output_size:  # an answer began: a second would desync
             log.error("the request handler failed mid-answer", exc_info=exc)
             return False
         if isinstance(exc, TimeoutError):

@@ -99,7 +99,7 @@ class Incoming(HeadersMixin):
         self.app = app
 
     def __repr__(self) -> str:  # the method and path only: no query, headers or body
-        path = self._message.url.path.encode("utf-8", "backslashreplace").decode("ascii")
+        path = self._message.url.path.encode("ascii", "backslashreplace").decode("ascii")
         return f"<Incoming {self._message.method} {path}>"
 
     # -- the message ----------------------------------------------------------------------------
