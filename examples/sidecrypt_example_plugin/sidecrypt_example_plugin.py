@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from aiohttp import web
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -23,6 +22,7 @@ from sidecrypt.config import Settings
 from sidecrypt.errors import CryptoError, KeyProviderError
 from sidecrypt.identity import Principal
 from sidecrypt.keys import DataKey, KeyProvider, ProviderOptions, canonical_context
+from sidecrypt.proxy.incoming import RequestView
 
 
 class EnvKeyOptions(ProviderOptions):
@@ -93,7 +93,7 @@ def sidecrypt_key_provider_types() -> list[type[KeyProvider]]:
 
 
 @hookimpl
-def sidecrypt_identify(request: web.Request) -> Principal | None:
+def sidecrypt_identify(request: RequestView) -> Principal | None:
     api_key = request.headers.get("X-Api-Key")
     return Principal(id=f"apikey:{api_key[:4]}", source="apikey") if api_key else None
 
