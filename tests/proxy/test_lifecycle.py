@@ -31,7 +31,9 @@ async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
         line = await asyncio.wait_for(proc.stderr.readline(), 30)
         assert line, "sidecrypt exited before listening"
         if b"sidecrypt listening" in line:
-            return proc, json.loads(line)["addresses"][0][1]
+            record = json.loads(line)
+            assert record["engine"] == "lean"  # the default, and the log says which serves
+            return proc, record["addresses"][0][1]
 
 
 def _write_config(tmp_path: Path, upstream: str, cert: Path, key: Path, grace: float = 10) -> Path:

@@ -74,7 +74,7 @@ async def start(
         access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
     )
     await runner.setup()
-    _choose_engine(runner, settings)
+    engine = _choose_engine(runner, settings)
     host, port = parse_address(settings.listen.address)
     site = web.TCPSite(
         runner,
@@ -94,7 +94,10 @@ async def start(
         runners.append(admin_runner)
     stop = asyncio.Event()
     running = Running(runners, stop)
-    log.info("sidecrypt listening", extra={"addresses": running.addresses(), "pid": os.getpid()})
+    log.info(
+        "sidecrypt listening",
+        extra={"addresses": running.addresses(), "pid": os.getpid(), "engine": engine},
+    )
 
     loop = asyncio.get_running_loop()
     if server_ctx is not None and settings.listen.tls is not None:
