@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
 import json
 import socket
 import ssl
@@ -446,6 +447,86 @@ async def test_a_pipelined_flood_pauses_reading_with_a_bounded_queue(make_env: M
         assert [r.body for r in first] == [f"/f{i}".encode() for i in range(len(first))]
     finally:
         gate.set()
+        await shut(writer)
+
+
+@pytest.mark.parametrize("closing", ["upgrade", "shutdown"])
+async def test_a_flood_behind_a_last_request_stops_reading(make_env: MakeEnv, closing: str) -> None:
+    """Requests parsed once the connection is closing (behind an upgrade request, or during a
+    graceful shutdown) are never served, so they must not be read either: once dropped, they
+    made the parser hold the rest of every read in its tail, which grew without bound."""
+    gate, entered = asyncio.Event(), asyncio.Event()
+    env = await make_env(handler=_gated(gate, entered), grace_period=LIMIT)
+    reader, writer = await env.open()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        writer.write(
+            get("/slow", *(("Connection: Upgrade", "Upgrade: foo") if closing == "upgrade" else ()))
+        )
+        async with asyncio.timeout(LIMIT):
+            await entered.wait()
+        (conn,) = env.front.conns
+        if closing == "shutdown":
+            stopping = asyncio.create_task(env.runner.cleanup())
+            await until(lambda: conn._closing, "shutdown began")
+        flood = get("/f") * 2000  # ~30 KB a write
+        async with asyncio.timeout(LIMIT):
+            while conn.transport is not None and conn.transport.is_reading():
+                writer.write(flood)
+                await asyncio.sleep(0)
+        assert conn._stopped and not conn.transport.is_reading()
+        gate.set()
+        resp = await read_response(reader)
+        assert resp.body == b"/slow" and resp.get("Connection") == "close"
+        assert await closed(reader) == b""
+    finally:
+        gate.set()
+        writer.transport.abort()
+        if stopping is not None:
+            await stopping
+    assert env.seen_paths() == ["/slow"]
+
+
+async def test_nothing_pipelined_behind_an_upgrade_request_is_served(make_env: MakeEnv) -> None:
+    """Requests queued before an h2c upgrade request are answered; the upgrade request's answer
+    is the last (aiohttp's parser drops what followed it in the same read, and a later read's
+    request would have been answered in its place)."""
+    gate, entered = asyncio.Event(), asyncio.Event()
+    env = await make_env(handler=_gated(gate, entered))
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/first"))
+        async with asyncio.timeout(LIMIT):
+            await entered.wait()
+        (conn,) = env.front.conns
+        writer.write(get("/h2c", *H2C_UPGRADE) + get("/lost"))
+        await until(lambda: len(conn._messages) == 1, "the upgrade request is queued")
+        writer.write(get("/later"))
+        gate.set()
+        assert (await read_response(reader)).body == b"/first"
+        last = await read_response(reader)
+        assert last.body == b"/h2c" and last.get("Connection") == "close"
+        assert await closed(reader) == b""
+    finally:
+        gate.set()
+        await shut(writer)
+    assert env.seen_paths() == ["/first", "/h2c"]
+
+
+async def test_no_request_outlives_its_exchange_on_an_idle_connection(make_env: MakeEnv) -> None:
+    """An idle keep-alive connection holds nothing of its last request: its headers carry
+    credentials and its state the caller's principal."""
+    env = await make_env()
+    reader, writer = await env.open()
+    try:
+        writer.write(get("/one", "Authorization: Bearer " + CANARY))
+        assert (await read_response(reader)).body == b"/one"
+        (conn,) = env.front.conns
+        await until(lambda: conn._waiter is not None, "the connection idles")
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, Incoming)]
+        assert alive == []
+    finally:
         await shut(writer)
 
 
@@ -1284,6 +1365,8 @@ async def test_a_failing_handler_gets_a_500_and_a_close() -> None:
         ("crlf-response", 500),
         ("crlf-stream", 500),
         ("wrong-length", 500),
+        ("not-a-str-header", 500),
+        ("chunked-to-http10", 500),
     ],
 )
 async def test_a_handler_answer_that_cannot_be_sent_gets_a_json_error(
@@ -1296,8 +1379,14 @@ async def test_a_handler_answer_that_cannot_be_sent_gets_a_json_error(
             return {"body": CANARY}
         if kind == "timeout":
             raise TimeoutError(CANARY)
+        if kind == "chunked-to-http10":  # aiohttp's prepare() raises RuntimeError
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            return resp
         resp = web.StreamResponse() if kind == "crlf-stream" else web.Response(body=b"ok")
-        if kind == "wrong-length":
+        if kind == "not-a-str-header":  # the serialiser's TypeError would quote the value
+            resp.headers["X-Num"] = CANARY.encode()  # type: ignore[assignment]
+        elif kind == "wrong-length":
             resp.headers["Content-Length"] = "5"  # 3 bytes of the next answer would be its end
         else:
             resp.headers["X-Evil"] = "a\r\nX-Injected: 1"
@@ -1306,7 +1395,10 @@ async def test_a_handler_answer_that_cannot_be_sent_gets_a_json_error(
     async with bare_front(handler) as (_, port):
         reader, writer = await open_raw(port)
         try:
-            writer.write(get("/x") + get("/after"))
+            if kind == "chunked-to-http10":  # alone: llhttp refuses bytes after an 1.0 request
+                writer.write(get("/x", version="1.0"))
+            else:
+                writer.write(get("/x") + get("/after"))
             resp = await read_response(reader)
             assert_error(resp, (status,))
             assert CANARY.encode() not in resp.body and b"Injected" not in resp.raw_head

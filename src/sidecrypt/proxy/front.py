@@ -171,7 +171,19 @@ class Connection(BaseProtocol):
             upgraded = False
         if upgraded:  # the upgrade request's body is complete; what follows is not ours to read
             self._stopped = True
-        if messages and not self._closing:
+        if messages and self._closing:
+            # Nothing parsed from now on is served, and every earlier body is complete: stop
+            # parsing and reading, so a flood cannot pile up in the parser's held-back tail.
+            self._stopped = True
+            self._pause_reading_for_buffer()
+        elif messages:
+            for i, (message, _) in enumerate(messages):
+                if isinstance(message, RawRequestMessage) and message.upgrade:
+                    # Not proxied: answered as a plain request, and the last one (aiohttp's
+                    # parser drops what followed some upgrade requests in the same read).
+                    messages = messages[: i + 1]
+                    self._closing = True
+                    break
             self._messages.extend(messages)
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
@@ -193,7 +205,7 @@ class Connection(BaseProtocol):
         """Room in the queue again. The parser stops at MAX_PIPELINED requests in flight and
         keeps the rest of what it was given: parse that, then read from the socket again."""
         self.data_received(b"")
-        if len(self._messages) < PAUSE_AT:
+        if len(self._messages) < PAUSE_AT and not self._stopped:
             self._resume_reading_for_buffer()
 
     # -- serving ---------------------------------------------------------------------------------
@@ -218,10 +230,6 @@ class Connection(BaseProtocol):
                     status = message.code if 400 <= message.code < 500 else 400
                     await self._write(_error(status, "bad_request", "malformed request"))
                     break
-                if message.upgrade:
-                    # Not proxied: answered as a plain request, then the connection closes
-                    # (aiohttp's parser stops reading after some upgrade requests).
-                    self._closing = True
                 self._current = payload
                 try:
                     request = Incoming(message, payload, self, self._server.app)
@@ -239,10 +247,15 @@ class Connection(BaseProtocol):
                     self._parser.message_consumed()
                 if self._buffer_paused and len(self._messages) < PAUSE_AT:
                     self._drained()
+                # Nothing of this request outlives it while the connection idles (its headers
+                # carry credentials, its state the caller's principal).
+                message = payload = request = task = None  # type: ignore[assignment]
                 if not keep_alive:
                     break
                 self._arm_idle()
         except asyncio.CancelledError:
+            pass
+        except ConnectionError:  # the client went away while an error answer was written
             pass
         except Exception:  # a bug here must close one connection, not leave it hanging
             log.exception("client connection failed")
@@ -270,7 +283,7 @@ class Connection(BaseProtocol):
             await resp.write_eof()
         except ConnectionError:
             return False
-        except ValueError as exc:  # a header aiohttp refuses to write (CR/LF): nothing went out
+        except Exception as exc:  # e.g. a header aiohttp refuses to write (CR/LF)
             return await self._failed(request, exc)
         writer = request._writer
         if (
@@ -313,6 +326,8 @@ class Connection(BaseProtocol):
         if must_be_empty_body(method, status):
             if status < 200 or status == 204:
                 headers.popall(hdrs.CONTENT_LENGTH, None)
+            elif body and hdrs.CONTENT_LENGTH not in headers:  # HEAD: what a GET would get
+                headers[hdrs.CONTENT_LENGTH] = str(len(body))
             headers.popall(hdrs.TRANSFER_ENCODING, None)
             body = b""
         elif hdrs.CONTENT_LENGTH not in headers:
