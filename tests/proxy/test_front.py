@@ -242,6 +242,20 @@ async def shut(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def raw_proxied(
+    proxy_factory: Any, tmp_path: Path, script: Any
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A scripted raw upstream, the lean proxy in front of it (plain), and a raw client."""
+    async with RawUpstream(serve(script)) as up:
+        proxy = await proxy_factory(_config(tmp_path, up.url()), tls=False, base_dir=tmp_path)
+        reader, writer = await open_raw(proxy.running.addresses()[0][1])
+        try:
+            yield reader, writer
+        finally:
+            await shut(writer)
+
+
 def assert_error(resp: Resp, statuses: tuple[int, ...]) -> None:
     """A JSON error that says the connection ends, with the headers every answer carries."""
     assert resp.status in statuses, resp
@@ -1173,19 +1187,14 @@ async def test_a_large_answer_arrives_whole_and_framed_as_sent(
 async def test_a_chunked_answer_to_http10_is_delimited_by_the_close(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
-    async with RawUpstream(serve(_framed)) as up:
-        proxy = await proxy_factory(_config(tmp_path, up.url()), tls=False, base_dir=tmp_path)
-        reader, writer = await open_raw(proxy.running.addresses()[0][1])
-        try:
-            writer.write(get("/chunked", "Connection: keep-alive", version="1.0"))
-            async with asyncio.timeout(LIMIT):
-                head = await read_head(reader)
-            assert head.version == "HTTP/1.0" and head.get("Transfer-Encoding") is None
-            assert head.get("Content-Length") is None and head.get("Connection") != "keep-alive"
-            body = await closed(reader, 2.0)  # no length, no chunking: the close ends it
-            assert body == PAYLOAD
-        finally:
-            await shut(writer)
+    async with raw_proxied(proxy_factory, tmp_path, _framed) as (reader, writer):
+        writer.write(get("/chunked", "Connection: keep-alive", version="1.0"))
+        async with asyncio.timeout(LIMIT):
+            head = await read_head(reader)
+        assert head.version == "HTTP/1.0" and head.get("Transfer-Encoding") is None
+        assert head.get("Content-Length") is None and head.get("Connection") != "keep-alive"
+        body = await closed(reader, 2.0)  # no length, no chunking: the close ends it
+        assert body == PAYLOAD
 
 
 HUGE = 48 * 1024 * 1024
@@ -1248,34 +1257,24 @@ def _no_server(req: RawRequest) -> bytes:
 async def test_small_answers_carry_date_and_no_server_header(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
-    async with RawUpstream(serve(_no_server)) as up:
-        proxy = await proxy_factory(_config(tmp_path, up.url()), tls=False, base_dir=tmp_path)
-        reader, writer = await open_raw(proxy.running.addresses()[0][1])
-        try:
-            writer.write(get("/small"))
-            small = await read_response(reader)
-            assert small.get("Date") and small.all("Server") == []
-            writer.write(get("/named"))  # an upstream's own Server passes through, once
-            assert (await read_response(reader)).all("Server") == ["upstream/1.0"]
-            writer.write(b"GARBAGE\r\n\r\n")
-            error = await read_response(reader)
-            assert error.get("Date") and error.all("Server") == []
-        finally:
-            await shut(writer)
+    async with raw_proxied(proxy_factory, tmp_path, _no_server) as (reader, writer):
+        writer.write(get("/small"))
+        small = await read_response(reader)
+        assert small.get("Date") and small.all("Server") == []
+        writer.write(get("/named"))  # an upstream's own Server passes through, once
+        assert (await read_response(reader)).all("Server") == ["upstream/1.0"]
+        writer.write(b"GARBAGE\r\n\r\n")
+        error = await read_response(reader)
+        assert error.get("Date") and error.all("Server") == []
 
 
 async def test_streamed_answers_carry_no_aiohttp_server_header(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
-    async with RawUpstream(serve(_no_server)) as up:
-        proxy = await proxy_factory(_config(tmp_path, up.url()), tls=False, base_dir=tmp_path)
-        reader, writer = await open_raw(proxy.running.addresses()[0][1])
-        try:
-            writer.write(get("/big"))
-            big = await read_response(reader)
-            assert big.body == PAYLOAD and big.get("Date")
-        finally:
-            await shut(writer)
+    async with raw_proxied(proxy_factory, tmp_path, _no_server) as (reader, writer):
+        writer.write(get("/big"))
+        big = await read_response(reader)
+        assert big.body == PAYLOAD and big.get("Date")
     assert not any("aiohttp" in v for v in big.all("Server")), big.all("Server")
 
 
@@ -1288,18 +1287,13 @@ async def test_an_upstream_header_with_cr_or_lf_never_splits_the_answer(
             return b"HTTP/1.1 200 OK\r\nX-Evil: " + bad + b"\r\nContent-Length: 2\r\n\r\nok"
         return response(200, req.target.encode())
 
-    async with RawUpstream(serve(answer)) as up:
-        proxy = await proxy_factory(_config(tmp_path, up.url()), tls=False, base_dir=tmp_path)
-        reader, writer = await open_raw(proxy.running.addresses()[0][1])
-        try:
-            writer.write(get("/evil"))
-            resp = await read_response(reader)
-            assert b"injected" not in resp.raw_head.lower()
-            assert resp.get("X-Evil") in (None, "a")
-            writer.write(get("/after"))  # the client connection is intact
-            assert (await read_response(reader)).body == b"/after"
-        finally:
-            await shut(writer)
+    async with raw_proxied(proxy_factory, tmp_path, answer) as (reader, writer):
+        writer.write(get("/evil"))
+        resp = await read_response(reader)
+        assert b"injected" not in resp.raw_head.lower()
+        assert resp.get("X-Evil") in (None, "a")
+        writer.write(get("/after"))  # the client connection is intact
+        assert (await read_response(reader)).body == b"/after"
 
 
 @contextlib.asynccontextmanager
