@@ -13,11 +13,12 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pluggy
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from yarl import URL
 
 from .. import appkeys
@@ -229,18 +230,10 @@ class Proxy:
                 code="unsupported_encoding",
             )
         limit = route.max_body_size
-        try:
-            if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
-                body = await forward.read_limited(request.content, limit, what="request body")
-            else:  # a client that stalls mid-body must not hold a buffered request forever
-                async with asyncio.timeout(self.settings.server.body_timeout):
-                    body = await forward.read_limited(request.content, limit, what="request body")
-        except TimeoutError:
-            raise RequestError(
-                "the request body did not arrive in time", status=408, code="body_timeout"
-            ) from None
-        except forward.BODY_ERRORS as exc:
-            raise forward.bad_body(exc) from None
+        content = request.content
+        body = await self._read_whole(
+            content, lambda: forward.read_limited(content, limit, what="request body")
+        )
         # A decoded body goes upstream without Content-Encoding (transformed bodies drop it).
         return forward.gunzip_limited(body, limit, what="request body") if gzipped else body
 
@@ -315,7 +308,7 @@ class Proxy:
         elif not request.body_exists:
             data = None
         elif request.content_length is not None and request.content_length <= SMALL_BODY:
-            data = await self._read_small_body(request)
+            data = await self._read_whole(request.content, request.content.read)
         else:
             data = forward.iter_body(request.content, self.settings.server.body_timeout)
         target = forward.upstream_target(self.base_path, request.raw_path)
@@ -329,18 +322,21 @@ class Proxy:
         finally:
             upstream.release()
 
-    async def _read_small_body(self, request: RequestView) -> bytes:
-        """A small body read whole; a client that stalls mid-body gets a 408, not a held handler.
+    async def _read_whole(
+        self, content: StreamReader, read: Callable[[], Awaitable[bytes]]
+    ) -> bytes:
+        """A body read whole (``read``); a client that stalls mid-body gets a 408 rather than
+        holding the handler, and one that breaks the body a 400.
 
-        Read from ``content``, not ``request.read()``: on aiohttp's engine that would refuse a
-        pass-through body over ``server.max_body_size``, the limit for bodies a route transforms.
+        Small pass-through bodies are read from ``content``, not ``request.read()``: on
+        aiohttp's engine that would refuse one over ``server.max_body_size``, the limit for
+        bodies a route transforms.
         """
-        content = request.content
         try:
             if content.is_eof():  # all of it arrived with the head: nothing to wait for
-                return await content.read()
+                return await read()
             async with asyncio.timeout(self.settings.server.body_timeout):
-                return await content.read()
+                return await read()
         except TimeoutError:
             raise RequestError(
                 "the request body did not arrive in time", status=408, code="body_timeout"
