@@ -55,9 +55,8 @@ Handler = Callable[[RequestView], Awaitable[web.StreamResponse]]
 READ_BUFSIZE = 2**16
 MAX_PIPELINED = 16  # requests the parser holds parsed before it stops (pipelining)
 PAUSE_AT = MAX_PIPELINED // 2  # queued requests at which the socket is no longer read
-LINGERING_TIME = (
-    10.0  # as aiohttp: how long an unread body is drained so the client sees the answer
-)
+# As aiohttp: how long an unread body is drained so the client sees the answer, not a reset.
+LINGERING_TIME = 10.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _Item = tuple[RawRequestMessage | HttpProcessingError, StreamReader]
 
@@ -127,9 +126,8 @@ class Connection(BaseProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        tcp_keepalive(
-            cast(asyncio.Transport, transport)
-        )  # as aiohttp: notice peers that vanished without a FIN
+        # As aiohttp: TCP keepalive notices peers that vanished without a FIN.
+        tcp_keepalive(cast(asyncio.Transport, transport))
         self.peername = transport.get_extra_info("peername")
         self.secure = transport.get_extra_info("sslcontext") is not None
         self._server.conns.add(self)
@@ -216,9 +214,6 @@ class Connection(BaseProtocol):
                 if not self._messages:
                     if self._closing:
                         break
-                    self._drained()  # a request the parser held back is served, not forgotten
-                    if self._messages:
-                        continue
                     self._waiter = self._loop.create_future()
                     try:
                         await self._waiter
@@ -275,6 +270,7 @@ class Connection(BaseProtocol):
         except web.HTTPException as exc:
             resp = exc
         except Exception as exc:
+            log.error("the request handler failed", exc_info=exc)
             return await self._failed(request, exc)
         try:
             if type(resp) is web.Response and not resp.prepared and _one_write(resp):
@@ -284,6 +280,8 @@ class Connection(BaseProtocol):
         except ConnectionError:
             return False
         except Exception as exc:  # e.g. a header aiohttp refuses to write (CR/LF)
+            # Its type only: a serialiser's message may quote a header value.
+            log.error("the answer could not be written", extra={"error": type(exc).__name__})
             return await self._failed(request, exc)
         writer = request._writer
         if (
@@ -293,18 +291,16 @@ class Connection(BaseProtocol):
             and not must_be_empty_body(request.method, resp.status)
         ):
             return False  # an HTTP/1.0 answer without a length ends when the connection does
-        return bool(resp.keep_alive) and not self._last()
+        return bool(resp.keep_alive) and not self.closing()
 
     async def _failed(self, request: Incoming, exc: Exception) -> bool:
-        """A handler that raised: 500 (504 for a timeout), or only a close once an answer began."""
+        """No answer could be given: 500 (504 for a timeout), or only a close once one began."""
         writer = request._writer
         if writer is not None and writer.output_size:  # an answer began: a second would desync
-            log.error("the request handler failed mid-answer", exc_info=exc)
             return False
         if isinstance(exc, TimeoutError):
             await self._write(_error(504, "timeout", "the proxy timed out", request.method))
             return False
-        log.error("the request handler failed", exc_info=exc)
         await self._write(_error(500, "internal_error", "the proxy failed", request.method))
         return False
 
@@ -341,7 +337,7 @@ class Connection(BaseProtocol):
         keep_alive = resp.keep_alive
         if keep_alive is None:
             keep_alive = request.keep_alive
-        keep_alive = keep_alive and not self._last()
+        keep_alive = keep_alive and not self.closing()
         version = request.version
         if hdrs.CONNECTION not in headers:
             if keep_alive and version == HttpVersion10:
@@ -353,7 +349,7 @@ class Connection(BaseProtocol):
         await self._write(head + body)
         return keep_alive
 
-    def _last(self) -> bool:
+    def closing(self) -> bool:
         """This answer is the connection's last: it is shutting down or read its last request."""
         return self._closing and not self._messages
 
@@ -367,9 +363,6 @@ class Connection(BaseProtocol):
 
     def payload_writer(self) -> StreamWriter:
         return StreamWriter(self, self._loop)
-
-    def closing(self) -> bool:
-        return self._last()
 
     # -- timers and shutdown ---------------------------------------------------------------------
 
