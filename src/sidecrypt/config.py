@@ -134,6 +134,11 @@ class Server(Model):
         gt=0,
         description="seconds to receive a body we buffer; for a streamed one, the longest pause",
     )
+    send_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a client may leave its answer unread before it is disconnected",
+    )
 
 
 class Upstream(Model):

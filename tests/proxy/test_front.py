@@ -1307,6 +1307,7 @@ async def bare_front(
         web.Application(),
         max_field_size=8190,
         keepalive_timeout=keepalive_timeout,
+        send_timeout=5.0,
         loop=loop,
     )
     listener = await loop.create_server(srv, "127.0.0.1", 0)
@@ -1783,7 +1784,9 @@ async def test_pin_runner_server_is_what_the_site_serves(tmp_path: Path) -> None
         async def handler(request: Any) -> web.StreamResponse:
             return web.Response(text="front")
 
-        srv = front.FrontServer(handler, app, max_field_size=8190, keepalive_timeout=5.0, loop=loop)
+        srv = front.FrontServer(
+            handler, app, max_field_size=8190, keepalive_timeout=5.0, send_timeout=5.0, loop=loop
+        )
         runner._server = srv
         assert runner.server is srv
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiohttp import hdrs, web
-from aiohttp.base_protocol import BaseProtocol
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
 from aiohttp.http import (
     HttpProcessingError,
@@ -48,6 +47,7 @@ from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_protocol import RequestPayloadError
 
 from .incoming import Incoming, RequestView, base_request
+from .send_timeout import SendTimeout
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class FrontServer(web.Server):
         *,
         max_field_size: int,
         keepalive_timeout: float,
+        send_timeout: float,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         super().__init__(handler, loop=loop)
@@ -78,6 +79,7 @@ class FrontServer(web.Server):
         self.app = app
         self.max_field_size = max_field_size
         self.keepalive_timeout = keepalive_timeout
+        self.send_timeout = send_timeout
         self.conns: set[Connection] = set()
 
     def __call__(self) -> Connection:  # type: ignore[override]
@@ -92,8 +94,12 @@ class FrontServer(web.Server):
         self.conns.clear()
 
 
-class Connection(BaseProtocol):
-    """One client connection; see the module docstring for what it keeps and drops."""
+class Connection(SendTimeout):
+    """One client connection; see the module docstring for what it keeps and drops.
+
+    A client that leaves its answer unread past ``server.send_timeout`` is disconnected
+    (:class:`~sidecrypt.proxy.send_timeout.SendTimeout`).
+    """
 
     def __init__(self, server: FrontServer) -> None:
         loop = server._loop
@@ -110,6 +116,8 @@ class Connection(BaseProtocol):
         )
         super().__init__(loop, parser)
         self._server = server
+        self._send_timeout = server.send_timeout
+        self._send_timer: asyncio.TimerHandle | None = None
         self._messages: deque[_Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -457,6 +465,7 @@ def install(runner: web.AppRunner, handler: Handler, settings: Any) -> FrontServ
         runner.app,
         max_field_size=settings.server.max_header_size,
         keepalive_timeout=settings.server.keepalive_timeout,
+        send_timeout=settings.server.send_timeout,
         loop=base._loop,
     )
     runner._server = server

@@ -19,7 +19,7 @@ from aiohttp import web
 from .. import appkeys
 from ..config import Settings, parse_address
 from ..plugin_manager import describe_plugins, make_plugin_manager
-from . import dispatch, front, tls
+from . import dispatch, front, send_timeout, tls
 from .app import CATCH_ALL_KEY, PROXY_KEY, create_app
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def _choose_engine(runner: web.AppRunner, settings: Settings) -> str:
             "serving through aiohttp's server: the access log, or a plugin's routes, "
             "middlewares or response signals on the proxy app, need it"
         )
+    send_timeout.install(runner, settings.server.send_timeout)
     return "aiohttp"
 
 
