@@ -34,6 +34,7 @@ from sidecrypt.config import Upstream
 from sidecrypt.errors import RequestError, UpstreamError, UpstreamTimeout
 from sidecrypt.proxy import tls
 from sidecrypt.proxy.upstream import UpstreamPool, UpstreamResponse
+from sidecrypt.proxy.upstream_conn import HIGH_WATER, Connection
 
 MB = 1024 * 1024
 BIG = 20 * MB
@@ -720,6 +721,75 @@ async def test_read_timeout_is_silence_not_total_time() -> None:
 
     async with setup(script, read_timeout=0.4) as (_up, pool):
         assert await fetch(pool) == (200, b"abcdef")  # 0.6 s in all, never 0.4 s of silence
+
+
+async def test_a_timer_left_by_the_last_exchange_does_not_cut_the_next_one() -> None:
+    """The read timer outlives a wait (it is not re-made per request): armed for the first
+    exchange's deadline, it fires early for the second and must wait again, not time it out."""
+
+    async def script(conn: RawConn) -> None:
+        await conn.read_request()
+        await conn.send(response(200, b"one"))
+        await conn.read_request()
+        await asyncio.sleep(0.3)  # answers past the first exchange's deadline, within its own
+        await conn.send(response(200, b"two"))
+
+    async with setup(script, read_timeout=0.4) as (up, pool):
+        assert await fetch(pool) == (200, b"one")
+        await asyncio.sleep(0.2)
+        assert await fetch(pool) == (200, b"two")
+        assert up.accepted == 1
+
+
+async def test_a_reused_connection_still_times_out() -> None:
+    async def script(conn: RawConn) -> None:
+        await conn.read_request()
+        await conn.send(response(200, b"one"))
+        await conn.read_request()
+        await conn.read_until_eof()
+
+    async with setup(script, read_timeout=0.3) as (up, pool):
+        assert await fetch(pool) == (200, b"one")
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(get(pool), 10)
+        assert pool.open_count == 0
+        await assert_closed_by_pool(up.connections[0])
+
+
+class _Transport(asyncio.Transport):
+    """Records flow control; the rest of a transport is not needed by the call under test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = True
+        self.written = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_a_body_taken_whole_resumes_a_paused_reader() -> None:
+    """A body completed by the read that also paused reading (past HIGH_WATER): taking it whole
+    must resume reading, or the next exchange on the connection would never be read."""
+    conn = Connection(5.0, lambda _: None)
+    transport = _Transport()
+    conn.connection_made(transport)
+    conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", None, None, head_only=False)
+    body = b"x" * (HIGH_WATER + 1024)
+    conn.data_received(response(200, body))
+    assert not transport.reading
+    assert conn.take_body() == body
+    assert transport.reading and conn.reusable()
+    assert conn.take_body() == b""  # taken: nothing is handed out twice
 
 
 # -- request bodies ------------------------------------------------------------------------------

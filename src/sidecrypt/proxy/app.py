@@ -308,7 +308,7 @@ class Proxy:
         elif not request.body_exists:
             data = None
         elif request.content_length is not None and request.content_length <= SMALL_BODY:
-            data = await self._read_whole(request.content, request.content.read)
+            data = await self._read_whole(request.content)
         else:
             data = forward.iter_body(request.content, self.settings.server.body_timeout)
         target = forward.upstream_target(self.base_path, request.raw_path)
@@ -323,10 +323,10 @@ class Proxy:
             upstream.release()
 
     async def _read_whole(
-        self, content: StreamReader, read: Callable[[], Awaitable[bytes]]
+        self, content: StreamReader, read: Callable[[], Awaitable[bytes]] | None = None
     ) -> bytes:
-        """A body read whole (``read``); a client that stalls mid-body gets a 408 rather than
-        holding the handler, and one that breaks the body a 400.
+        """A body read whole (by ``read``, or all of ``content``); a client that stalls mid-body
+        gets a 408 rather than holding the handler, and one that breaks the body a 400.
 
         Small pass-through bodies are read from ``content``, not ``request.read()``: on
         aiohttp's engine that would refuse one over ``server.max_body_size``, the limit for
@@ -334,9 +334,9 @@ class Proxy:
         """
         try:
             if content.is_eof():  # all of it arrived with the head: nothing to wait for
-                return await read()
+                return content.read_nowait() if read is None else await read()
             async with asyncio.timeout(self.settings.server.body_timeout):
-                return await read()
+                return await (read or content.read)()
         except TimeoutError:
             raise RequestError(
                 "the request body did not arrive in time", status=408, code="body_timeout"

@@ -37,7 +37,14 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     values = headers.getall("Connection", ())
     if not values:
         return frozenset()
+    if len(values) == 1 and len(values[0]) <= 64:  # "keep-alive", "close": nearly every message
+        return _tokens(values[0])
     return frozenset(t.strip().lower() for v in values for t in v.split(","))
+
+
+@functools.lru_cache(maxsize=64)
+def _tokens(value: str) -> frozenset[str]:
+    return frozenset(t.strip().lower() for t in value.split(","))
 
 
 @functools.lru_cache(maxsize=64)

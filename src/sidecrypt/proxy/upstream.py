@@ -67,6 +67,8 @@ class UpstreamResponse:
         return await self._conn.read_chunk()
 
     async def read(self) -> bytes:
+        if not self._released and (body := self._conn.take_body()) is not None:
+            return body
         chunks = []
         while chunk := await self.readany():
             chunks.append(chunk)

@@ -1,8 +1,8 @@
 """One upstream connection: an asyncio protocol feeding llhttp, carrying one exchange at a time.
 
 State is plain attributes reset per exchange, and waiting is one future at a time with a lazy
-read timer (rescheduled only when it fires early), so the common case (the whole response in one
-read) costs one future and one timer per request.
+read timer (kept across waits and exchanges, rescheduled only when it fires early), so the
+common case (the whole response in one read) costs one future per request.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ class Connection(asyncio.Protocol):
             self._upload.cancel()
         self._busy = False
         self.idle_since = None
+        self._cancel_timer()
         if self._transport is not None and not self._transport.is_closing():
             if graceful:
                 self._transport.close()
@@ -169,6 +170,20 @@ class Connection(asyncio.Protocol):
             if self._exc is not None:
                 raise self._exc
             await self._wait()
+
+    def take_body(self) -> bytes | None:
+        """The whole body if all of it has arrived (small answers nearly always have), else
+        None: no wait and no chunk-by-chunk walk for the common case."""
+        if not self._complete or self._exc is not None:
+            return None
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._reading_paused and self._transport:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return body
 
     # -- internals --------------------------------------------------------------------------
 
@@ -246,19 +261,19 @@ class Connection(asyncio.Protocol):
 
     async def _wait(self) -> None:
         waiter = self._waiter = self._loop.create_future()
-        self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
+        if self._timer is None:
+            # Left armed after the wait: the deadline only moves later, so a timer armed for an
+            # earlier one fires early and re-arms (_on_timer) rather than being made per wait.
+            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._on_timer)
         try:
             await waiter
         finally:
             self._waiter = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._waiter is None or self._waiter.done():
-            return
+        if self._waiter is None or self._waiter.done() or self.closed:
+            return  # nobody waits: the next wait arms a timer of its own
         deadline = self._last_read + self._read_timeout
         if self._upload is not None:  # still uploading: _wait_writable bounds a stalled upstream
             deadline = max(deadline, self._loop.time() + self._read_timeout)
@@ -266,6 +281,11 @@ class Connection(asyncio.Protocol):
             self._timer = self._loop.call_at(deadline, self._on_timer)
             return
         self._fail(UpstreamTimeout("the upstream did not answer in time"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -324,6 +344,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._cancel_timer()
         if self._busy and not self._complete and self._exc is None:
             if self._head_done and self._until_eof and exc is None:
                 self._complete = True  # a body delimited by the end of the connection
