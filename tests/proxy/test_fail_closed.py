@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import aiohttp
 import pytest
+from aiohttp import web
 from tests.conftest import Certs, RunningProxy, Upstream
 
 from sidecrypt import hookimpl
@@ -273,6 +274,60 @@ async def test_refused_requests_forward_nothing(
     async with client.post(url, data=data, headers=headers) as resp:
         await expect_error(resp, status, code)
     assert up.seen == []
+
+
+async def test_a_chunked_body_over_the_limit_that_arrived_whole_is_413(
+    setup: Setup, certs: Certs
+) -> None:
+    """Sent in one write, the whole body is in before the route reads it (no chunk-by-chunk
+    read whose running total would refuse it): the limit must hold all the same."""
+    proxy, up, _, _ = setup
+    body = big_record(LIMIT)
+    head = (
+        b"POST /users/1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection(
+        "localhost", port, ssl=certs.client_context(), server_hostname="localhost"
+    )
+    writer.write(head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"413", answer[:200]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_too_large"
+    assert up.seen == []
+
+
+@pytest.mark.parametrize("delivery", ["whole", "streamed"])
+async def test_an_upstream_answer_over_the_route_limit_is_502(
+    certs: Certs, tmp_path: Path, upstream_factory: Any, proxy_factory: Any, delivery: str
+) -> None:
+    """Whether the answer arrived whole before it was read or comes in pieces, it is refused
+    (502) and nothing of it reaches the client."""
+    doc = json.dumps({**RECORD, "pad": "x" * (2 * LIMIT)}).encode()
+
+    async def big(request: web.Request, body: bytes) -> web.StreamResponse:
+        if delivery == "whole":
+            return web.Response(body=doc, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(doc), 256):
+            await resp.write(doc[i : i + 256])
+            await asyncio.sleep(0.001)
+        await resp.write_eof()
+        return resp
+
+    up = await upstream_factory(big)
+    create_key(tmp_path / "keyring.json", "app")
+    proxy = await proxy_factory(base_config(up), base_dir=tmp_path)
+    connector = aiohttp.TCPConnector(ssl=certs.client_context())
+    async with (
+        aiohttp.ClientSession(connector=connector) as client,
+        client.get(f"{proxy.url}/users/1") as resp,
+    ):
+        await expect_error(resp, 502, "upstream_response_too_large")
 
 
 async def test_missing_or_repeated_context_header_is_400(setup: Setup) -> None:

@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pluggy
@@ -210,11 +210,7 @@ class Proxy:
         if not request.body_exists:
             return None
         if request.content_length is not None and request.content_length > route.max_body_size:
-            raise RequestError(
-                f"request body is larger than the {route.max_body_size}-byte limit for this route",
-                status=413,
-                code="body_too_large",
-            )
+            raise forward.too_large("request body", route.max_body_size)
         if not is_json(request.content_type) or request.content_type in OPAQUE_JSON:
             raise RequestError(
                 "this route encrypts JSON fields: send Content-Type: application/json",
@@ -230,10 +226,7 @@ class Proxy:
                 code="unsupported_encoding",
             )
         limit = route.max_body_size
-        content = request.content
-        body = await self._read_whole(
-            content, lambda: forward.read_limited(content, limit, what="request body")
-        )
+        body = await self._read_whole(request.content, limit)
         # A decoded body goes upstream without Content-Encoding (transformed bodies drop it).
         return forward.gunzip_limited(body, limit, what="request body") if gzipped else body
 
@@ -322,11 +315,9 @@ class Proxy:
         finally:
             upstream.release()
 
-    async def _read_whole(
-        self, content: StreamReader, read: Callable[[], Awaitable[bytes]] | None = None
-    ) -> bytes:
-        """A body read whole (by ``read``, or all of ``content``); a client that stalls mid-body
-        gets a 408 rather than holding the handler, and one that breaks the body a 400.
+    async def _read_whole(self, content: StreamReader, limit: int | None = None) -> bytes:
+        """A client's body read whole (413 past ``limit``); a client that stalls mid-body gets a
+        408 rather than holding the handler, and one that breaks the body a 400.
 
         Small pass-through bodies are read from ``content``, not ``request.read()``: on
         aiohttp's engine that would refuse one over ``server.max_body_size``, the limit for
@@ -334,15 +325,19 @@ class Proxy:
         """
         try:
             if content.is_eof():  # all of it arrived with the head: nothing to wait for
-                return content.read_nowait() if read is None else await read()
-            async with asyncio.timeout(self.settings.server.body_timeout):
-                return await (read or content.read)()
+                body = content.read_nowait()
+            else:
+                async with asyncio.timeout(self.settings.server.body_timeout):
+                    if limit is None:
+                        return await content.read()
+                    return await forward.read_limited(content, limit, what="request body")
         except TimeoutError:
             raise RequestError(
                 "the request body did not arrive in time", status=408, code="body_timeout"
             ) from None
         except forward.BODY_ERRORS as exc:
             raise forward.bad_body(exc) from None
+        return body if limit is None else forward.within(body, limit, what="request body")
 
     async def _respond_streamed(
         self, request: RequestView, upstream: UpstreamResponse
@@ -396,11 +391,14 @@ class Proxy:
                 code="upstream_encoding",
             )
         try:
-            body = await forward.read_limited(
-                upstream, route.max_body_size, what="upstream response"
-            )
+            limit, what = route.max_body_size, "upstream response"
+            body = upstream.take_body()  # None unless all of it has arrived
+            if body is None:
+                body = await forward.read_limited(upstream, limit, what=what)
+            else:
+                body = forward.within(body, limit, what=what)
             if gzipped:
-                body = forward.gunzip_limited(body, route.max_body_size, what="upstream response")
+                body = forward.gunzip_limited(body, limit, what=what)
         except RequestError as exc:
             if exc.status == 413:
                 raise forward.ResponseTooLarge(exc.message) from None

@@ -169,6 +169,21 @@ def bad_body(exc: BaseException) -> RequestError:
     )
 
 
+def too_large(what: str, limit: int) -> RequestError:
+    return RequestError(
+        f"{what} is larger than the {limit}-byte limit for this route",
+        status=413,
+        code="body_too_large",
+    )
+
+
+def within(body: bytes, limit: int, *, what: str) -> bytes:
+    """``body`` (one that arrived whole), refused (413) past ``limit``."""
+    if len(body) > limit:
+        raise too_large(what, limit)
+    return body
+
+
 async def read_limited(stream: Readable, limit: int, *, what: str) -> bytes:
     """Read a whole body, refusing (413) as soon as it passes ``limit``."""
     chunks: list[bytes] = []
@@ -179,11 +194,7 @@ async def read_limited(stream: Readable, limit: int, *, what: str) -> bytes:
             return b"".join(chunks)
         size += len(chunk)
         if size > limit:
-            raise RequestError(
-                f"{what} is larger than the {limit}-byte limit for this route",
-                status=413,
-                code="body_too_large",
-            )
+            raise too_large(what, limit)
         chunks.append(chunk)
 
 

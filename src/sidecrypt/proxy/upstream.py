@@ -66,8 +66,12 @@ class UpstreamResponse:
             raise UpstreamError("the upstream response was already released")
         return await self._conn.read_chunk()
 
+    def take_body(self) -> bytes | None:
+        """The whole body if all of it has arrived, else None (read it then)."""
+        return None if self._released else self._conn.take_body()
+
     async def read(self) -> bytes:
-        if not self._released and (body := self._conn.take_body()) is not None:
+        if (body := self.take_body()) is not None:
             return body
         chunks = []
         while chunk := await self.readany():
