@@ -10,6 +10,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from tests.conftest import Certs
+from yarl import URL
+
+from sidecrypt.errors import RequestError
+from sidecrypt.proxy import forward
 
 
 async def test_methods_query_and_headers_pass_through(
@@ -178,6 +182,57 @@ async def test_dot_segments_and_encoded_slashes_refused(
         await reader.readexactly(length)
     writer.close()
     assert upstream.seen == []
+
+
+class _Target:
+    """What check_path reads of a request: the raw target and its decoded path."""
+
+    def __init__(self, raw: str) -> None:
+        self.raw_path = raw
+        self.path = URL(raw, encoded=True).path
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/users/../x",
+        "/users/..",
+        "/users/.",
+        "/users/./x",
+        "/users/%2e%2e/x",
+        "/users/%2E%2E",
+        "/users/.%2e/x",
+        "/users/%2e",
+        "/users/a%2fb",
+        "/users/a%2Fb",
+        "/users/a%5Cb",
+        "/users/a\\b",
+        "//users",
+        "/users//x",
+        "users/x",
+        "http://other/x",
+    ],
+)
+def test_check_path_refuses(raw: str) -> None:
+    with pytest.raises(RequestError) as info:
+        forward.check_path(_Target(raw))  # type: ignore[arg-type]
+    assert info.value.code == "ambiguous_path"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/",
+        "/users/1",
+        "/files/report.v2.json",
+        "/v1.2/users/.well-known",
+        "/users/..x/...",
+        "/users/%41",
+        "/users/1?next=//evil&p=%2f..%2f",  # the query is not part of the path
+    ],
+)
+def test_check_path_lets_through(raw: str) -> None:
+    forward.check_path(_Target(raw))  # type: ignore[arg-type]
 
 
 async def test_large_streaming_body_keeps_memory_bounded(

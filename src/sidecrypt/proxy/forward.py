@@ -8,6 +8,7 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from aiohttp import hdrs
 from aiohttp.http import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
@@ -34,7 +35,7 @@ HOP_BY_HOP = frozenset(
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    values = headers.getall("Connection", ())
+    values = headers.getall(hdrs.CONNECTION, ())
     if not values:
         return frozenset()
     if len(values) == 1 and len(values[0]) <= 64:  # "keep-alive", "close": nearly every message
@@ -88,7 +89,7 @@ def request_headers(
                     prior.append(value)
                 continue
         out.append((name, value))
-    host = src.get("Host", "")
+    host = src.get(hdrs.HOST, "")
     out.append(("Host", host if preserve_host and host else upstream_host))
     peer = request.remote or ""
     out.append(("X-Forwarded-For", ", ".join((*prior, peer)) if prior else peer))
@@ -139,18 +140,21 @@ def check_path(request: RequestView) -> None:
     Dot segments and encoded slashes are how a request for ``/public/..%2Fusers`` would reach a
     route that must encrypt without matching it.
     """
-    raw = request.raw_path.split("?", 1)[0]
+    raw = request.raw_path.partition("?")[0]
     if not raw.startswith("/") or "//" in raw:
         # Absolute-form targets and empty segments: the upstream may read another host or path.
         raise RequestError(
             "the request target must be a path without empty segments", code="ambiguous_path"
         )
-    lowered = raw.lower()
-    if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
-        raise RequestError("encoded slashes are not allowed in the path", code="ambiguous_path")
-    path = request.path
-    if "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
-        raise RequestError("dot segments are not allowed in the path", code="ambiguous_path")
+    escaped = "%" in raw
+    if escaped or "\\" in raw:
+        lowered = raw.lower()
+        if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
+            raise RequestError("encoded slashes are not allowed in the path", code="ambiguous_path")
+    if escaped or "." in raw:  # a dot segment may be escaped (%2e): look at the decoded path
+        path = request.path
+        if "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
+            raise RequestError("dot segments are not allowed in the path", code="ambiguous_path")
 
 
 class Readable(Protocol):

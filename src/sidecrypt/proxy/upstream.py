@@ -18,6 +18,7 @@ import ssl
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
+from aiohttp import hdrs
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -50,12 +51,12 @@ class UpstreamResponse:
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
+        value = self.headers.get(hdrs.CONTENT_LENGTH)
         return int(value) if value is not None and value.isascii() and value.isdigit() else None
 
     @property
     def content_type(self) -> str:
-        raw = self.headers.get("Content-Type")
+        raw = self.headers.get(hdrs.CONTENT_TYPE)
         if not raw:
             return "application/octet-stream"
         return raw.partition(";")[0].strip().lower()

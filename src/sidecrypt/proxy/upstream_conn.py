@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import httptools
+from aiohttp import hdrs
 from multidict import CIMultiDict
 
 from ..errors import RequestError, UpstreamError, UpstreamTimeout
@@ -405,9 +406,9 @@ class Connection(asyncio.Protocol):
         if self._head_only:  # HEAD: no body whatever the head says; llhttp cannot be told
             self._complete = True
         elif status not in (204, 304):
-            codings = ",".join(headers.getall("Transfer-Encoding", ())).lower().split(",")
+            codings = ",".join(headers.getall(hdrs.TRANSFER_ENCODING, ())).lower().split(",")
             chunked = codings[-1].strip() == "chunked"
-            self._until_eof = not chunked and "Content-Length" not in headers
+            self._until_eof = not chunked and hdrs.CONTENT_LENGTH not in headers
 
     def on_body(self, body: bytes) -> None:
         if self._head_only:
