@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import env, micro, report, wrk
 from .env import ENC_PATH, PASS_PATH, PORTS
-from .procs import Service, cpu_seconds
+from .procs import Service, children_cpu_seconds, cpu_seconds, idle_seconds
 
 HERE = Path(__file__).resolve().parent
 
@@ -153,12 +153,16 @@ def measure(
     pids = svc[c.service].pids()
     up = svc["upstream"].pids()
     before, up_before = cpu_seconds(pids), cpu_seconds(up)
+    wrk_before, idle_before = children_cpu_seconds(), idle_seconds()
     load = wrk.run(w.wrk, c.url, script, seconds=seconds)
+    wrk_after, idle_after = children_cpu_seconds(), idle_seconds()
     after, up_after = cpu_seconds(pids), cpu_seconds(up)
     c.loads.append(load)
     n = max(load.requests, 1)
     c.cpu_us.append((after - before) / n * 1e6)
     c.upstream_cpu_us.append((up_after - up_before) / n * 1e6)
+    c.load_cpu_us.append((wrk_after - wrk_before) / n * 1e6)
+    c.idle_us.append((idle_after - idle_before) / n * 1e6)
     print(
         f"  {c.label:32} w={c.workers}  {load.rps:9,.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
         f"p99 {load.p99_ms:6.2f} ms  cpu {c.cpu_us[-1]:6.0f} µs/req"
@@ -253,7 +257,7 @@ def main() -> int:
             for s in reversed(started):
                 s.stop()
     if a.only:  # a partial run (profiling, A/B checks): print, keep RESULTS.md as it is
-        print("\n".join(report.load_table(configs)))
+        print("\n".join([*report.load_table(configs), "", *report.shares_table(configs)]))
         return 0
     command = "python -m bench" + (" --quick" if a.quick else "")
     lines = report.write(

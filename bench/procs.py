@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -88,6 +89,18 @@ class Service:
         # Workers of a group whose leader is gone.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def children_cpu_seconds() -> float:
+    """CPU of this process's finished children (wrk runs), in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def idle_seconds() -> float:
+    """Idle time of the whole machine (every core, iowait included) since boot, in seconds."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / CLK_TCK
 
 
 def cpu_seconds(pids: list[int]) -> float:
