@@ -168,15 +168,19 @@ def test_run_serves_then_drains_on_sigterm(example: Path) -> None:
         assert proc.wait(timeout=20) == 0
 
 
-def test_two_workers_share_the_port(example: Path) -> None:
-    import socket
+def test_two_workers_share_the_port(example: Path, tmp_path: Path) -> None:
     import ssl
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port, admin = _free_port(), _free_port()
+    (tmp_path / "run").mkdir()
     with sidecrypt_run(
-        example, SIDECRYPT_LISTEN_ADDRESS=f"127.0.0.1:{port}", SIDECRYPT_WORKERS="2"
+        example,
+        SIDECRYPT_LISTEN_ADDRESS=f"127.0.0.1:{port}",
+        SIDECRYPT_ADMIN_ADDRESS=f"127.0.0.1:{admin}",
+        SIDECRYPT_WORKERS="2",
+        TMPDIR=str(tmp_path / "run"),  # where the workers' sockets go, for the check below
     ) as proc:
         assert proc.stderr is not None
         pids = set()
@@ -191,8 +195,25 @@ def test_two_workers_share_the_port(example: Path) -> None:
             with pytest.raises(urllib.error.HTTPError) as err:
                 urllib.request.urlopen(f"https://localhost:{port}/x", timeout=5, context=ctx)
             assert err.value.code == 502
+        # /metrics on the admin listener (worker 0) counts every worker's requests.
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        up = {s.labels["worker"]: s.value for s in families["sidecrypt_worker_up"].samples}
+        assert up == {"0": 1.0, "1": 1.0}
+        requests = [s for s in families["sidecrypt_requests"].samples if s.name.endswith("_total")]
+        assert sum(s.value for s in requests) == 10
+        assert {s.labels["worker"] for s in requests} <= {"0", "1"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+    assert not any((tmp_path / "run").iterdir())  # the workers' directory is gone
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_key_administration_is_audited(tmp_path: Path) -> None:

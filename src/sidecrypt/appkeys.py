@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .identity import PeerCertificate, Principal
     from .keys import DataKeyService
+    from .proxy.workers import Worker
 
 PLUGIN_MANAGER: web.AppKey[pluggy.PluginManager] = web.AppKey("sidecrypt.pm")
 SETTINGS: web.AppKey[Settings] = web.AppKey("sidecrypt.settings")
@@ -26,6 +27,8 @@ KEYS: web.AppKey[DataKeyService] = web.AppKey("sidecrypt.keys")
 ADMIN: web.AppKey[web.Application] = web.AppKey("sidecrypt.admin")
 PROXY: web.AppKey[web.Application] = web.AppKey("sidecrypt.proxy")
 AUDIT_GATE: web.AppKey[Callable[[], bool]] = web.AppKey("sidecrypt.audit_gate")
+WORKER: web.AppKey[Worker] = web.AppKey("sidecrypt.worker")
+"""This process's place among ``server.workers`` (absent with one worker)."""
 
 RequestObserver = Callable[[RequestView, int, float], None]
 """Called after every proxied request with its status and seconds (metrics); must not block.

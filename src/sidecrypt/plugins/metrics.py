@@ -32,6 +32,7 @@ from .. import appkeys, hookimpl
 from ..config import Settings
 from ..events import AuditEvent
 from ..proxy.incoming import RequestView
+from . import metrics_workers
 from .audit import audit_stats
 from .aws_kms_resilience import CallStats, CircuitBreaker
 
@@ -210,6 +211,7 @@ class Metrics:
     """The per-app registry and the instruments the middleware and events update."""
 
     def __init__(self, app: web.Application) -> None:
+        self.app = app
         self.registry = registry = CollectorRegistry()
         # Request figures are plain counters and bucket arrays, exposed by _RequestCollector:
         # folding 1024 requests into prometheus instruments (a lock and a bisect per
@@ -324,9 +326,11 @@ class Metrics:
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         # generate_latest collects _RequestCollector first: pending records are folded in there.
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        body = generate_latest(self.registry)
+        worker = self.app.get(appkeys.WORKER)
+        if worker is not None and worker.index == 0:  # answers for every worker
+            body = await metrics_workers.gather(body, worker)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 METRICS: web.AppKey[Metrics] = web.AppKey("sidecrypt.metrics", Metrics)

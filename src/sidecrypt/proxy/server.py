@@ -8,10 +8,13 @@ import gc
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +24,7 @@ from ..config import Settings, parse_address
 from ..plugin_manager import describe_plugins, make_plugin_manager
 from . import dispatch, front, send_timeout, tls
 from .app import CATCH_ALL_KEY, PROXY_KEY, create_app
+from .workers import MAX_SOCKET_PATH, Worker
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,13 @@ async def start(
     extra_plugins: tuple[object, ...] = (),
     reuse_port: bool = False,
     admin: bool = True,
+    worker: Worker | None = None,
 ) -> tuple[Running, Callable[[], Coroutine[Any, Any, None]]]:
-    """Start listeners; returns handles and the coroutine that drains and stops them."""
+    """Start listeners; returns handles and the coroutine that drains and stops them.
+
+    ``worker``: this process's place among several; worker 0 serves the admin listener, the
+    others serve their admin app on a Unix socket for worker 0 to read (proxy/workers.py).
+    """
     pm = make_plugin_manager(extra_plugins)
     pm.hook.sidecrypt_check_config(settings=settings)
     log.info("plugins loaded", extra={"plugins": describe_plugins(pm)})
@@ -66,6 +75,8 @@ async def start(
     if settings.listen.tls is not None:
         server_ctx = tls.server_context(settings.listen.tls, source=settings.source)
     app = create_app(settings, pm)
+    if worker is not None:
+        app[appkeys.WORKER] = worker
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
@@ -89,8 +100,11 @@ async def start(
     if admin and settings.admin.address:
         admin_runner = web.AppRunner(app[appkeys.ADMIN], access_log=None)
         await admin_runner.setup()
-        ahost, aport = parse_address(settings.admin.address)
-        await web.TCPSite(admin_runner, ahost, aport).start()
+        if worker is None or worker.index == 0:
+            ahost, aport = parse_address(settings.admin.address)
+            await web.TCPSite(admin_runner, ahost, aport).start()
+        else:
+            await web.UnixSite(admin_runner, str(worker.socket(worker.index))).start()
         runners.append(admin_runner)
     stop = asyncio.Event()
     running = Running(runners, stop)
@@ -156,9 +170,9 @@ def _add_signal(loop: asyncio.AbstractEventLoop, sig: int, fn: Callable[[], None
         loop.add_signal_handler(sig, fn)
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False, admin: bool = True) -> None:
+async def serve(settings: Settings, *, worker: Worker | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests."""
-    running, shutdown = await start(settings, reuse_port=reuse_port, admin=admin)
+    running, shutdown = await start(settings, reuse_port=worker is not None, worker=worker)
     settle_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -168,22 +182,22 @@ async def serve(settings: Settings, *, reuse_port: bool = False, admin: bool = T
     log.info("stopped")
 
 
-def _worker(settings: Settings, index: int) -> None:
+def _worker(settings: Settings, worker: Worker) -> None:
     from .. import logs
 
     file = settings.audit.file
     if file is not None and file != "-":
         # One writer per chain: each worker keeps its own trail, verifiable on its own.
-        audit = settings.audit.model_copy(update={"file": f"{file}.w{index}"})
+        audit = settings.audit.model_copy(update={"file": f"{file}.w{worker.index}"})
         settings = settings.model_copy(update={"audit": audit})
     logs.setup(settings.log.level, settings.log.format)
-    run_loop(serve(settings, reuse_port=True, admin=index == 0))
+    run_loop(serve(settings, worker=worker))
 
 
 def run(settings: Settings) -> int:
     """Run ``server.workers`` processes sharing the listening port through SO_REUSEPORT.
 
-    The admin listener runs in worker 0 only: its /metrics describe that worker.
+    The admin listener runs in worker 0; its /metrics gather every worker's.
     """
     workers = settings.server.workers
     if workers == 1:
@@ -192,8 +206,19 @@ def run(settings: Settings) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         log.error("server.workers > 1 needs SO_REUSEPORT, which this platform lacks")
         return 2
+    rundir = Path(tempfile.mkdtemp(prefix="sidecrypt-"))  # mode 0700: this user's only
+    try:
+        if len(str(Worker(0, workers, rundir).socket(workers - 1))) > MAX_SOCKET_PATH:
+            log.error("the temporary directory's path is too long for Unix sockets; set TMPDIR")
+            return 2
+        return _supervise(settings, [Worker(i, workers, rundir) for i in range(workers)])
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _supervise(settings: Settings, workers: list[Worker]) -> int:
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(settings, i), daemon=False) for i in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(settings, w), daemon=False) for w in workers]
     for p in procs:
         p.start()
 
