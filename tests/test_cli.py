@@ -208,6 +208,55 @@ def test_two_workers_share_the_port(example: Path, tmp_path: Path) -> None:
     assert not any((tmp_path / "run").iterdir())  # the workers' directory is gone
 
 
+def _listening_pids(proc: subprocess.Popen[bytes], count: int) -> list[int]:
+    """The pids of the next ``count`` workers that log they are listening."""
+    assert proc.stderr is not None
+    pids: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(pids) < count and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if b"sidecrypt listening" in line:
+            pids.append(json.loads(line)["pid"])
+    assert len(pids) == count, pids
+    return pids
+
+
+def test_a_worker_that_dies_is_replaced(example: Path) -> None:
+    import ssl
+
+    port = _free_port()
+    with sidecrypt_run(
+        example, SIDECRYPT_LISTEN_ADDRESS=f"127.0.0.1:{port}", SIDECRYPT_WORKERS="2"
+    ) as proc:
+        first = _listening_pids(proc, 2)
+        time.sleep(5.5)  # past the start-up grace: a death now is a crash, not a failed start
+        os.kill(first[1], signal.SIGKILL)
+        (replacement,) = _listening_pids(proc, 1)
+        assert replacement not in first
+        ctx = ssl.create_default_context(cafile=str(example.parent.parent / "certs" / "ca.pem"))
+        for _ in range(6):  # both workers answer (the upstream is down: 502)
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"https://localhost:{port}/x", timeout=5, context=ctx)
+            assert err.value.code == 502
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_workers_that_cannot_start_end_the_run(example: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:  # bound without SO_REUSEPORT: no worker can share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with sidecrypt_run(
+            example, SIDECRYPT_LISTEN_ADDRESS=f"127.0.0.1:{port}", SIDECRYPT_WORKERS="2"
+        ) as proc:
+            assert proc.wait(timeout=60) == 1  # not restarted for ever
+            assert proc.stderr is not None
+            assert b"a worker failed at start" in proc.stderr.read()
+
+
 def _free_port() -> int:
     import socket
 

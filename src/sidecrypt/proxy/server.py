@@ -7,13 +7,16 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
 import socket
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -217,23 +220,56 @@ def run(settings: Settings) -> int:
 
 
 def _supervise(settings: Settings, workers: list[Worker]) -> int:
+    """Start the workers, restart one that dies, forward signals; the exit code.
+
+    A worker that dies within ``STARTUP_GRACE`` of its start is not restarted (a port taken, a
+    certificate unreadable: it would die again): the others are stopped and run() fails.
+    """
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(settings, w), daemon=False) for w in workers]
-    for p in procs:
-        p.start()
+    procs: dict[int, tuple[BaseProcess, float]] = {}
+    stopping = False
+
+    def launch(worker: Worker) -> None:
+        proc = ctx.Process(target=_worker, args=(settings, worker), daemon=False)
+        proc.start()
+        procs[worker.index] = (proc, time.monotonic())
 
     def forward_signal(sig: int, _frame: Any) -> None:
-        for p in procs:
-            if p.pid is not None and p.is_alive():
-                os.kill(p.pid, sig)
+        nonlocal stopping
+        stopping = stopping or sig != signal.SIGHUP  # SIGHUP reloads certificates
+        for proc, _ in procs.values():
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward_signal)
-    code = 0
-    for p in procs:
-        p.join()
-        code = code or (p.exitcode or 0)
-    return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+    for worker in workers:
+        launch(worker)
+    failed = False
+    while procs:
+        multiprocessing.connection.wait([proc.sentinel for proc, _ in procs.values()])
+        for index, (proc, started) in list(procs.items()):
+            if proc.is_alive():
+                continue
+            proc.join()
+            del procs[index]
+            code = proc.exitcode
+            if code in (0, -signal.SIGTERM, -signal.SIGINT):
+                continue
+            about = {"worker": index, "exit_code": code}
+            if stopping:
+                failed = True
+            elif time.monotonic() - started < STARTUP_GRACE:
+                log.error("a worker failed at start: stopping the others", extra=about)
+                failed = True
+                forward_signal(signal.SIGTERM, None)
+            else:
+                log.error("a worker died: starting another", extra=about)
+                launch(workers[index])
+    return 1 if failed else 0
+
+
+STARTUP_GRACE = 5.0  # seconds in which a worker's death is a start-up failure, not a crash
 
 
 __all__ = ["Running", "run", "run_loop", "serve", "start"]
