@@ -211,6 +211,12 @@ class _Target:
         "/users//x",
         "users/x",
         "http://other/x",
+        "/public/..;/users/1",  # Tomcat, Jetty, Spring: /users/1
+        "/public/.;x/users",
+        "/public/%2e%2e;v=1/users",
+        "/users/..;",
+        "/public#/../users/1",
+        "/public?x#y",
     ],
 )
 def test_check_path_refuses(raw: str) -> None:
@@ -229,6 +235,8 @@ def test_check_path_refuses(raw: str) -> None:
         "/users/..x/...",
         "/users/%41",
         "/users/1?next=//evil&p=%2f..%2f",  # the query is not part of the path
+        "/accounts;jsessionid=x/7",
+        "/users/..x;y/a.b;c",
     ],
 )
 def test_check_path_lets_through(raw: str) -> None:

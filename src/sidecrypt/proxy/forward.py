@@ -138,9 +138,14 @@ def check_path(request: RequestView) -> None:
     """Refuse paths the upstream may read differently from the route matcher.
 
     Dot segments and encoded slashes are how a request for ``/public/..%2Fusers`` would reach a
-    route that must encrypt without matching it.
+    route that must encrypt without matching it. A dot segment may carry path parameters
+    (``/public/..;/users``: Tomcat, Jetty and Spring read ``/users``), and a target has no
+    fragment: ``#`` is refused outright.
     """
-    raw = request.raw_path.partition("?")[0]
+    target = request.raw_path
+    if "#" in target:
+        raise RequestError("a request target has no fragment (#)", code="ambiguous_path")
+    raw = target.partition("?")[0]
     if not raw.startswith("/") or "//" in raw:
         # Absolute-form targets and empty segments: the upstream may read another host or path.
         raise RequestError(
@@ -152,8 +157,8 @@ def check_path(request: RequestView) -> None:
         if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
             raise RequestError("encoded slashes are not allowed in the path", code="ambiguous_path")
     if escaped or "." in raw:  # a dot segment may be escaped (%2e): look at the decoded path
-        path = request.path
-        if "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
+        segments = {segment.partition(";")[0] for segment in request.path.split("/")}
+        if "." in segments or ".." in segments:
             raise RequestError("dot segments are not allowed in the path", code="ambiguous_path")
 
 
