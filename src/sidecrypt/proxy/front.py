@@ -116,8 +116,7 @@ class Connection(SendTimeout):
         )
         super().__init__(loop, parser)
         self._server = server
-        self._send_timeout = server.send_timeout
-        self._send_timer: asyncio.TimerHandle | None = None
+        self._init_send_timeout(server.send_timeout)
         self._messages: deque[_Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -263,8 +262,7 @@ class Connection(SendTimeout):
         except Exception:  # a bug here must close one connection, not leave it hanging
             log.exception("client connection failed")
         finally:
-            if self.transport is not None:
-                self.transport.close()
+            self._close_transport()
 
     async def _exchange(self, request: Incoming) -> bool:
         """One request and its answer; whether the connection may carry another."""
@@ -390,13 +388,13 @@ class Connection(SendTimeout):
         elif self._loop.time() < self._idle_deadline:  # used since: wait for the new deadline
             self._idle = self._loop.call_at(self._idle_deadline, self._idle_expired)
         else:
-            self.transport.close()
+            self._close_transport()
 
     def close(self) -> None:
         """Serve no new request; close now if idle (shutdown's first step)."""
         self._closing = True
-        if self._current is None and not self._messages and self.transport is not None:
-            self.transport.close()
+        if self._current is None and not self._messages:
+            self._close_transport()
         elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -408,8 +406,14 @@ class Connection(SendTimeout):
             _, pending = await asyncio.wait([task], timeout=timeout)
             if pending:
                 task.cancel()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close once what was written has gone out; a client that never takes it in is cut
+        after ``server.send_timeout`` (SendTimeout)."""
         if self.transport is not None:
             self.transport.close()
+            self._watch_send()
 
 
 def _one_write(resp: web.Response) -> bool:
