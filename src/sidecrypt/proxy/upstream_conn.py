@@ -273,7 +273,7 @@ class Connection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._waiter is None or self._waiter.done() or self.closed:
+        if self._waiter is None or self._waiter.done():
             return  # nobody waits: the next wait arms a timer of its own
         deadline = self._last_read + self._read_timeout
         if self._upload is not None:  # still uploading: _wait_writable bounds a stalled upstream
