@@ -1,9 +1,11 @@
-"""Review of the performance session (25befbf..): path checks, the kept upstream read timer,
-bodies taken whole, the merged handler's observers and ``server.send_timeout``.
+"""The hot path's shortcuts held to what they replaced, and the gaps a review of them found.
 
-Tests that pin behaviour checked to be right are plain; tests that show a gap found in review
-are ``xfail(strict=True)`` so the suite stays green until the gap is closed. Real sockets
-throughout; every wait is bounded so a regression fails rather than hangs.
+Path checks (the fast check against the previous one, targets that hide a route behind path
+parameters or a fragment), the upstream read timer kept across exchanges, bodies taken whole at
+the route's limit, the status request observers see from the merged handler, and
+``server.send_timeout`` (clients that never read, below the high-water mark, over TLS on
+asyncio; slow clients that never stall). Real sockets throughout; every wait is bounded so a
+regression fails rather than hangs.
 """
 
 from __future__ import annotations
