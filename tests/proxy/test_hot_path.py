@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser
 from tests.conftest import Certs, RunningProxy
 from tests.proxy.raw_upstream import RawConn, RawUpstream, Script, response, serve, until
+from tests.proxy.test_send_timeout import endless, fixed, open_client
 
 from sidecrypt import appkeys, hookimpl
 from sidecrypt.config import Settings
@@ -350,42 +351,9 @@ async def test_observers_see_the_status_the_client_got(proxy_factory: Any, tmp_p
 
 # -- server.send_timeout --------------------------------------------------------------------------
 
-PIECE = 64 * 1024
 
-
-def _endless(cut: asyncio.Event) -> Script:
-    async def script(conn: RawConn) -> None:
-        await conn.read_request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        chunk = b"%x\r\n%s\r\n" % (PIECE, b"x" * PIECE)
-        try:
-            while True:
-                await conn.send(chunk)
-        except ConnectionError:
-            cut.set()
-            raise
-
-    return script
-
-
-def _fixed(size: int) -> Script:
-    answer = response(200, b"y" * size, headers=(("Content-Type", "application/octet-stream"),))
-
-    async def script(conn: RawConn) -> None:
-        while await conn.read_request() is not None:
-            await conn.send(answer)
-
-    return script
-
-
-async def _open_client(port: int, ctx: Any = None) -> tuple[Any, Any]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return await asyncio.open_connection(
-        sock=sock, ssl=ctx, server_hostname="localhost" if ctx else None, limit=4096
-    )
+def _open_client(port: int, ctx: Any = None) -> Any:
+    return open_client(f"https://localhost:{port}", ctx)
 
 
 def _served(up: RawUpstream, n: int) -> bool:
@@ -414,7 +382,7 @@ async def test_a_client_that_never_reads_is_disconnected_over_tls_on_asyncio(
     """The existing TLS test runs on uvloop only; asyncio's own SSL transport (the loop tests
     and `server.loop: asyncio` use) does its own buffering too."""
     cut = asyncio.Event()
-    async with asyncio.timeout(LIMIT), RawUpstream(_endless(cut)) as up:
+    async with asyncio.timeout(LIMIT), RawUpstream(endless(cut)) as up:
         proxy = await proxy_factory(
             {"upstream": {"url": up.url()}, "server": {"send_timeout": 0.3}}, tls=True
         )
@@ -434,7 +402,7 @@ def _client_conns(proxy: RunningProxy) -> list[Any]:
 async def test_a_never_reading_client_below_the_high_water_mark_is_let_go(
     proxy_factory: Any,
 ) -> None:
-    async with asyncio.timeout(LIMIT), RawUpstream(_fixed(4096)) as up:
+    async with asyncio.timeout(LIMIT), RawUpstream(fixed(4096)) as up:
         proxy = await proxy_factory(
             {
                 "upstream": {"url": up.url()},
@@ -465,7 +433,7 @@ async def test_a_never_reading_client_below_the_high_water_mark_is_let_go(
 
 async def test_a_slow_client_that_never_stalls_gets_all_of_it(proxy_factory: Any) -> None:
     size = 200 * 1024
-    async with asyncio.timeout(LIMIT), RawUpstream(_fixed(size)) as up:
+    async with asyncio.timeout(LIMIT), RawUpstream(fixed(size)) as up:
         proxy = await proxy_factory(
             {"upstream": {"url": up.url()}, "server": {"send_timeout": 0.25}}, tls=False
         )
