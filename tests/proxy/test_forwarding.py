@@ -55,6 +55,34 @@ async def test_methods_query_and_headers_pass_through(
     assert upstream.seen[1].body == b"\x00\x01binary\xff"
 
 
+async def test_an_ipv6_upstream_gets_a_bracketed_host(certs: Certs, proxy_factory: Any) -> None:
+    """RFC 9110: an IPv6 literal in Host is in brackets (``::1:8080`` is not a host and port)."""
+    hosts: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        hosts.append(request.headers["Host"])
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "::1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        proxy = await proxy_factory({"upstream": {"url": f"http://[::1]:{port}"}})
+        connector = aiohttp.TCPConnector(ssl=certs.client_context())
+        async with (
+            aiohttp.ClientSession(connector=connector) as client,
+            client.get(f"{proxy.url}/x") as resp,
+        ):
+            assert (resp.status, await resp.text()) == (200, "ok")
+    finally:
+        await runner.cleanup()
+    assert hosts == [f"[::1]:{port}"]
+
+
 async def test_chunked_upload_and_streamed_download(
     certs: Certs, upstream: Any, proxy_factory: Any
 ) -> None:

@@ -81,10 +81,8 @@ class Proxy:
         self.router = Router(settings.routes, default_max_body=settings.server.max_body_size)
         self.fields = FieldCrypto(keys)
         self.base = URL(settings.upstream.url)
-        port = self.base.port
-        default = 443 if self.base.scheme == "https" else 80
-        host = self.base.host or ""
-        self.upstream_host = host if port in (None, default) else f"{host}:{port}"
+        # Host as RFC 9110 writes it: the scheme's default port left out, IPv6 in brackets.
+        self.upstream_host = self.base.host_port_subcomponent or ""
         self.pool: UpstreamPool | None = None
         self.base_path = self.base.raw_path.rstrip("/")
         hdr = settings.identity.header
