@@ -455,13 +455,6 @@ def _route_config(upstream_url: str) -> dict[str, Any]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forward.py check_path / routes.py match: a segment that is only path parameters "
-    "(/;/users/1) is empty once Tomcat/Jetty/Spring strip them (//users/1, merged to "
-    "/users/1), but the router's retry form keeps the empty segment and matches nothing: "
-    "the body reaches the upstream in plaintext",
-)
 @pytest.mark.parametrize("target", ["/;/users/1", "/;x=1/users/1"])
 async def test_an_empty_parameter_segment_does_not_hide_a_route(
     proxy_factory: Any, tmp_path: Path, target: str

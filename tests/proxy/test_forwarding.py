@@ -244,6 +244,10 @@ class _Target:
         "/public/%2e%2e;v=1/users",
         "/users/..;",
         "/public#/../users/1",
+        "/;/users/1",  # an empty segment once its parameters go: Tomcat reads /users/1
+        "/;x=1/users/1",
+        "/users/;x/1",
+        "/%3b/users/1",
         "/public?x#y",
     ],
 )

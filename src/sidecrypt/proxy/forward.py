@@ -139,14 +139,15 @@ def check_path(request: RequestView) -> None:
 
     Dot segments and encoded slashes are how a request for ``/public/..%2Fusers`` would reach a
     route that must encrypt without matching it. A dot segment may carry path parameters
-    (``/public/..;/users``: Tomcat, Jetty and Spring read ``/users``), and a target has no
-    fragment: ``#`` is refused outright.
+    (``/public/..;/users``: Tomcat, Jetty and Spring read ``/users``), a segment of parameters
+    only is an empty one to them (``/;x/users`` is ``/users``), and a target has no fragment:
+    ``#`` is refused outright.
     """
     target = request.raw_path
     if "#" in target:
         raise RequestError("a request target has no fragment (#)", code="ambiguous_path")
     raw = target.partition("?")[0]
-    if not raw.startswith("/") or "//" in raw:
+    if not raw.startswith("/") or "//" in raw or "/;" in raw:
         # Absolute-form targets and empty segments: the upstream may read another host or path.
         raise RequestError(
             "the request target must be a path without empty segments", code="ambiguous_path"
@@ -157,9 +158,14 @@ def check_path(request: RequestView) -> None:
         if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
             raise RequestError("encoded slashes are not allowed in the path", code="ambiguous_path")
     if escaped or "." in raw:  # a dot segment may be escaped (%2e): look at the decoded path
-        segments = {segment.partition(";")[0] for segment in request.path.split("/")}
+        path = request.path
+        segments = {segment.partition(";")[0] for segment in path.split("/")}
         if "." in segments or ".." in segments:
             raise RequestError("dot segments are not allowed in the path", code="ambiguous_path")
+        if escaped and ("//" in path or "/;" in path):  # the same once decoded (%3b, %2f)
+            raise RequestError(
+                "the request target must be a path without empty segments", code="ambiguous_path"
+            )
 
 
 class Readable(Protocol):
