@@ -118,12 +118,6 @@ def _reap(proc: subprocess.Popen[bytes], pids: list[int]) -> None:
     proc.wait(timeout=10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _worker/serve: a worker only handles SIGHUP when listen.tls is set; "
-    "without TLS the master's forwarded SIGHUP kills every worker (default action) and the "
-    "run ends with exit 1 (within STARTUP_GRACE) or all workers are killed and restarted",
-)
 def test_sighup_to_a_plain_http_multi_worker_run_keeps_it_serving(tmp_path: Path) -> None:
     proc = _start(_plain_config(tmp_path), tmp_path)
     pids: list[int] = []
@@ -154,12 +148,6 @@ def tls_example(tmp_path: Path) -> Path:
     return tmp_path / "config" / "sidecrypt.example.yaml"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _supervise/_worker: SIGHUP (certificate reload) forwarded to a worker "
-    "that has not installed its handler yet (start-up, or a replacement starting) kills it; "
-    "a death within STARTUP_GRACE then stops the whole run with exit 1",
-)
 def test_sighup_while_workers_start_does_not_end_the_run(tls_example: Path, tmp_path: Path) -> None:
     proc = _start(tls_example, tmp_path, SIDECRYPT_UPSTREAM_URL="http://127.0.0.1:9")
     pids: list[int] = []
@@ -181,7 +169,7 @@ SUPERVISE_SCRIPT = textwrap.dedent(
     """
     import multiprocessing, os, signal, sys, threading, time
     from pathlib import Path
-    from sidecrypt.proxy import server
+    from sidecrypt.proxy import workers
     from sidecrypt.proxy.workers import Worker
 
     FLAG = sys.argv[1] + "/crashed"
@@ -223,23 +211,17 @@ SUPERVISE_SCRIPT = textwrap.dedent(
                 pass
         os._exit(99)
 
-    server._worker = fake_worker
-    server.STARTUP_GRACE = 0.0
-    server.multiprocessing.get_context = lambda method: Ctx()
+    workers._worker = fake_worker
+    workers.STARTUP_GRACE = 0.0
+    workers.multiprocessing.get_context = lambda method: Ctx()
     threading.Thread(target=watchdog, daemon=True).start()
-    code = server._supervise(None, [Worker(i, 2, Path(sys.argv[1])) for i in range(2)])
+    code = workers._supervise(None, [Worker(i, 2, Path(sys.argv[1])) for i in range(2)])
     print("exit", code, flush=True)
     os._exit(0)
     """
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _supervise: a SIGTERM that arrives while a replacement worker is being "
-    "spawned (launch() adds it to procs only after start()) is forwarded to the others only; "
-    "the replacement never gets it and the master waits on it for ever",
-)
 def test_sigterm_during_a_replacement_start_stops_the_run(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-c", SUPERVISE_SCRIPT, str(tmp_path)],
@@ -249,12 +231,6 @@ def test_sigterm_during_a_replacement_start_stops_the_run(tmp_path: Path) -> Non
     assert out.stdout.strip() == b"exit 0", out.stdout + out.stderr[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _supervise: workers are not tied to the master (no PR_SET_PDEATHSIG or "
-    "parent watch); a master killed with SIGKILL (OOM killer) leaves them serving the port "
-    "with the old config, beside any new run that binds it with SO_REUSEPORT",
-)
 def test_workers_do_not_outlive_a_killed_master(tmp_path: Path) -> None:
     proc = _start(_plain_config(tmp_path), tmp_path)
     pids: list[int] = []
@@ -312,12 +288,6 @@ async def _peer(tmp_path: Path, body: bytes) -> web.AppRunner:
     return runner
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metrics_workers.py merge: a peer's exposition that does not parse raises "
-    "ValueError out of gather(): worker 0's /metrics is a 500 and loses every worker's "
-    "figures instead of marking that peer down",
-)
 async def test_a_peer_with_bad_text_is_down_not_a_failed_scrape(tmp_path: Path) -> None:
     runner = await _peer(tmp_path, b"this is not { an exposition\n")
     try:
@@ -329,11 +299,6 @@ async def test_a_peer_with_bad_text_is_down_not_a_failed_scrape(tmp_path: Path) 
     assert up == {"0": 1.0, "1": 0.0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metrics_workers.py merge: a sample's own 'worker' label (a plugin's metric) is "
-    "overwritten: distinct series collapse into duplicates, which Prometheus rejects",
-)
 def test_a_metric_with_its_own_worker_label_keeps_distinct_series() -> None:
     registry = CollectorRegistry()
     jobs = Counter("plugin_jobs", "Jobs by worker pool", ["worker"], registry=registry)
@@ -341,11 +306,12 @@ def test_a_metric_with_its_own_worker_label_keeps_distinct_series() -> None:
     jobs.labels("b").inc()
     merged = metrics_workers.merge([(0, generate_latest(registry))])
     series = [
-        tuple(sorted(s.labels.items()))
+        (s.name, tuple(sorted(s.labels.items())))
         for f in text_string_to_metric_families(merged.decode())
         for s in f.samples
     ]
     assert len(series) == len(set(series)), series
+    assert ("plugin_jobs_total", (("exported_worker", "a"), ("worker", "0"))) in series
 
 
 async def test_a_peer_that_trickles_forever_is_cut_at_the_timeout(

@@ -124,3 +124,26 @@ async def test_a_peer_that_hangs_costs_one_timeout_and_is_down(
         await runner.cleanup()
     up = {dict(k[1])["worker"]: v for k, v in samples.items() if k[0] == "sidecrypt_worker_up"}
     assert up == {"0": 1.0, "1": 0.0}
+
+
+async def test_a_peer_answer_past_the_size_limit_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_workers, "MAX_EXPOSITION", 1000)
+    app = web.Application()
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(body=exposition(1, 0.01, 0) * 20, content_type="text/plain")
+
+    app.router.add_get("/metrics", huge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(tmp_path / "w1.sock")).start()
+    try:
+        samples = parse(
+            await metrics_workers.gather(exposition(1, 0.01, 0), Worker(0, 2, tmp_path))
+        )
+    finally:
+        await runner.cleanup()
+    up = {dict(k[1])["worker"]: v for k, v in samples.items() if k[0] == "sidecrypt_worker_up"}
+    assert up == {"0": 1.0, "1": 0.0}

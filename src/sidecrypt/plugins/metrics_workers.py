@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..proxy.workers import Worker
 
 PEER_TIMEOUT = 2.0
+MAX_EXPOSITION = 16 * 1024 * 1024  # a peer's answer past this is not read: that worker is down
 
 
 async def gather(own: bytes, worker: Worker) -> bytes:
@@ -39,7 +40,14 @@ async def _fetch(worker: Worker, index: int) -> bytes | None:
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
             session.get("http://worker/metrics") as resp,
         ):
-            return await resp.read() if resp.status == 200 else None
+            if resp.status != 200:
+                return None
+            body = bytearray()
+            async for chunk in resp.content.iter_any():
+                body += chunk
+                if len(body) > MAX_EXPOSITION:
+                    return None
+            return bytes(body)
     except (aiohttp.ClientError, OSError, TimeoutError):
         return None
 
@@ -53,21 +61,37 @@ def merge(parts: Sequence[tuple[int, bytes | None]]) -> bytes:
         labels=["worker"],
     )
     for index, text in parts:
-        up.add_metric([str(index)], 0.0 if text is None else 1.0)
-        if text is None:
-            continue
-        for family in text_string_to_metric_families(text.decode()):
+        parsed = _parse(text)
+        up.add_metric([str(index)], 0.0 if parsed is None else 1.0)
+        for family in parsed or ():
             merged = families.get(family.name)
             if merged is None:
                 merged = Metric(family.name, family.documentation, family.type, family.unit)
                 families[family.name] = merged
-            label = str(index)
             merged.samples.extend(
-                s._replace(labels={**s.labels, "worker": label}) for s in family.samples
+                s._replace(labels=_labelled(s.labels, str(index))) for s in family.samples
             )
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed([*families.values(), up]))
     return generate_latest(registry)
+
+
+def _parse(text: bytes | None) -> list[Metric] | None:
+    """A peer's families, or None when it did not answer or sent what does not parse."""
+    if text is None:
+        return None
+    try:
+        return list(text_string_to_metric_families(text.decode()))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _labelled(labels: dict[str, str], worker: str) -> dict[str, str]:
+    """``labels`` with ``worker`` added; a metric's own ``worker`` label becomes
+    ``exported_worker``, as Prometheus renames a target label a series already has."""
+    if "worker" in labels:
+        labels = {**labels, "exported_worker": labels["worker"]}
+    return {**labels, "worker": worker}
 
 
 class _Fixed:

@@ -6,18 +6,10 @@ import asyncio
 import contextlib
 import gc
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
-import shutil
 import signal
-import socket
 import ssl
-import tempfile
-import time
 from collections.abc import Callable, Coroutine
-from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -27,7 +19,7 @@ from ..config import Settings, parse_address
 from ..plugin_manager import describe_plugins, make_plugin_manager
 from . import dispatch, front, send_timeout, tls
 from .app import CATCH_ALL_KEY, PROXY_KEY, create_app
-from .workers import MAX_SOCKET_PATH, Worker
+from .workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +119,8 @@ async def start(
                 log.error("certificate reload failed; keeping the old one", extra={"error": exc})
 
         _add_signal(loop, signal.SIGHUP, reload)
+    else:  # SIGHUP's default action would end the process: a reload must never do that
+        _add_signal(loop, signal.SIGHUP, lambda: log.info("SIGHUP: no certificate to reload"))
 
     async def shutdown() -> None:
         log.info("draining", extra={"grace_period": settings.server.grace_period})
@@ -185,91 +179,14 @@ async def serve(settings: Settings, *, worker: Worker | None = None) -> None:
     log.info("stopped")
 
 
-def _worker(settings: Settings, worker: Worker) -> None:
-    from .. import logs
-
-    file = settings.audit.file
-    if file is not None and file != "-":
-        # One writer per chain: each worker keeps its own trail, verifiable on its own.
-        audit = settings.audit.model_copy(update={"file": f"{file}.w{worker.index}"})
-        settings = settings.model_copy(update={"audit": audit})
-    logs.setup(settings.log.level, settings.log.format)
-    run_loop(serve(settings, worker=worker))
-
-
 def run(settings: Settings) -> int:
-    """Run ``server.workers`` processes sharing the listening port through SO_REUSEPORT.
-
-    The admin listener runs in worker 0; its /metrics gather every worker's.
-    """
-    workers = settings.server.workers
-    if workers == 1:
+    """Run ``server.workers`` processes sharing the listening port (proxy/workers.py)."""
+    if settings.server.workers == 1:
         run_loop(serve(settings))
         return 0
-    if not hasattr(socket, "SO_REUSEPORT"):
-        log.error("server.workers > 1 needs SO_REUSEPORT, which this platform lacks")
-        return 2
-    rundir = Path(tempfile.mkdtemp(prefix="sidecrypt-"))  # mode 0700: this user's only
-    try:
-        if len(str(Worker(0, workers, rundir).socket(workers - 1))) > MAX_SOCKET_PATH:
-            log.error("the temporary directory's path is too long for Unix sockets; set TMPDIR")
-            return 2
-        return _supervise(settings, [Worker(i, workers, rundir) for i in range(workers)])
-    finally:
-        shutil.rmtree(rundir, ignore_errors=True)
+    from . import workers
 
-
-def _supervise(settings: Settings, workers: list[Worker]) -> int:
-    """Start the workers, restart one that dies, forward signals; the exit code.
-
-    A worker that dies within ``STARTUP_GRACE`` of its start is not restarted (a port taken, a
-    certificate unreadable: it would die again): the others are stopped and run() fails.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    procs: dict[int, tuple[BaseProcess, float]] = {}
-    stopping = False
-
-    def launch(worker: Worker) -> None:
-        proc = ctx.Process(target=_worker, args=(settings, worker), daemon=False)
-        proc.start()
-        procs[worker.index] = (proc, time.monotonic())
-
-    def forward_signal(sig: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = stopping or sig != signal.SIGHUP  # SIGHUP reloads certificates
-        for proc, _ in procs.values():
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, sig)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward_signal)
-    for worker in workers:
-        launch(worker)
-    failed = False
-    while procs:
-        multiprocessing.connection.wait([proc.sentinel for proc, _ in procs.values()])
-        for index, (proc, started) in list(procs.items()):
-            if proc.is_alive():
-                continue
-            proc.join()
-            del procs[index]
-            code = proc.exitcode
-            if code in (0, -signal.SIGTERM, -signal.SIGINT):
-                continue
-            about = {"worker": index, "exit_code": code}
-            if stopping:
-                failed = True
-            elif time.monotonic() - started < STARTUP_GRACE:
-                log.error("a worker failed at start: stopping the others", extra=about)
-                failed = True
-                forward_signal(signal.SIGTERM, None)
-            else:
-                log.error("a worker died: starting another", extra=about)
-                launch(workers[index])
-    return 1 if failed else 0
-
-
-STARTUP_GRACE = 5.0  # seconds in which a worker's death is a start-up failure, not a crash
+    return workers.run(settings)
 
 
 __all__ = ["Running", "run", "run_loop", "serve", "start"]
