@@ -1,7 +1,8 @@
-"""Review of multi-worker mode (supervisor, /metrics fan-in), send_timeout v2 and check_path.
+"""``server.workers: N``: the supervisor, ``/metrics`` for every worker, and what a review of
+them found (signals during start-up and restarts, orphaned workers, peers' bad or huge
+expositions, label clashes, and a route hidden behind a parameter-only segment).
 
 Real processes (``python -m sidecrypt.cli run``), real Unix sockets and real TCP throughout.
-xfail(strict=True) marks a gap the review found; plain tests pin behaviour verified correct.
 """
 
 from __future__ import annotations
