@@ -104,17 +104,18 @@ def targets(
     for kind in ("pass", "enc"):
         ratio = r(f"sidecrypt-{kind}-2") / r(f"sidecrypt-{kind}-1")
         name = "pass-through" if kind == "pass" else "field-encrypting"
-        bound = scaling_bound(configs[f"sidecrypt-{kind}-2"])
+        bound = scaling_bound(configs[f"sidecrypt-{kind}-1"], configs[f"sidecrypt-{kind}-2"])
         measured = f"{ratio:.2f}x (the machine allows {bound:.2f}x: see the CPU shares)"
         out.append((f"workers=2 ≥ 1.7x workers=1 ({name})", measured, ratio >= 1.7))
     return out
 
 
-def scaling_bound(two: Config) -> float:
+def scaling_bound(one: Config, two: Config) -> float:
     """What two workers can give over one that fills a core, on 2 cores shared with the
-    upstream and wrk: 2 cores / (proxy + upstream + wrk) per request, against 1 core / proxy."""
-    proxy = two.med("cpu_us")
-    return 2 * proxy / (proxy + two.med("upstream_cpu_us") + two.med("load_cpu_us"))
+    upstream and wrk: 2 cores / (proxy + upstream + wrk) per request with two, against
+    1 core / proxy with one."""
+    spent = two.med("cpu_us") + two.med("upstream_cpu_us") + two.med("load_cpu_us")
+    return 2 * one.med("cpu_us") / spent
 
 
 def shares_table(configs: dict[str, Config]) -> list[str]:
@@ -230,8 +231,9 @@ def write(
         "Proxy and upstream from `/proc/<pid>/stat`, wrk from its rusage, idle from "
         "`/proc/stat`. With one worker the proxy fills one core and the rest of the machine "
         "idles; with two the machine is full, so two workers give at most "
-        "2 x proxy / (proxy + upstream + wrk) of one: "
-        f"{scaling_bound(configs['sidecrypt-pass-2']):.2f}x for pass-through here.",
+        "2 x proxy(1) / (proxy + upstream + wrk)(2) of one: "
+        f"{scaling_bound(configs['sidecrypt-pass-1'], configs['sidecrypt-pass-2']):.2f}x for "
+        "pass-through here.",
         "",
         f"## Latency below saturation (50 connections paced to ~{pace_rps:,.0f} requests/s)",
         "",

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -100,50 +101,63 @@ async def test_worker_0_gathers_its_peers_over_their_sockets(peers: Worker) -> N
     assert up == {"0": 1.0, "1": 1.0, "2": 1.0, "3": 0.0}
 
 
-async def test_a_peer_that_hangs_costs_one_timeout_and_is_down(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def _hangs(request: web.Request) -> web.StreamResponse:
+    await asyncio.Event().wait()  # released by the runner's cleanup (cancelled)
+    raise AssertionError("unreachable")
+
+
+async def _trickles(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await resp.prepare(request)
+    for _ in range(100):  # 200, then a line now and then, never finished
+        await resp.write(b"# x\n")
+        await asyncio.sleep(0.05)
+    return resp
+
+
+async def _huge(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=exposition(1, 0.01, 0) * 20, content_type="text/plain")
+
+
+async def _garbled(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=b"this is not { an exposition\n", content_type="text/plain")
+
+
+@pytest.mark.parametrize("peer", [_hangs, _trickles, _huge, _garbled])
+async def test_a_peer_that_does_not_answer_well_is_down_and_the_scrape_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peer: Any
 ) -> None:
+    """Within PEER_TIMEOUT, whatever the peer does: worker 0's figures are still there."""
     monkeypatch.setattr(metrics_workers, "PEER_TIMEOUT", 0.3)
-    app = web.Application()
-    release = asyncio.Event()
-
-    async def stuck(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(text="too late")
-
-    app.router.add_get("/metrics", stuck)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.UnixSite(runner, str(tmp_path / "w1.sock")).start()
-    try:
-        samples = parse(
-            await metrics_workers.gather(exposition(1, 0.01, 0), Worker(0, 2, tmp_path))
-        )
-    finally:
-        release.set()
-        await runner.cleanup()
-    up = {dict(k[1])["worker"]: v for k, v in samples.items() if k[0] == "sidecrypt_worker_up"}
-    assert up == {"0": 1.0, "1": 0.0}
-
-
-async def test_a_peer_answer_past_the_size_limit_is_down(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
     monkeypatch.setattr(metrics_workers, "MAX_EXPOSITION", 1000)
     app = web.Application()
-
-    async def huge(request: web.Request) -> web.Response:
-        return web.Response(body=exposition(1, 0.01, 0) * 20, content_type="text/plain")
-
-    app.router.add_get("/metrics", huge)
-    runner = web.AppRunner(app)
+    app.router.add_get("/metrics", peer)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     await web.UnixSite(runner, str(tmp_path / "w1.sock")).start()
     try:
-        samples = parse(
-            await metrics_workers.gather(exposition(1, 0.01, 0), Worker(0, 2, tmp_path))
-        )
+        async with asyncio.timeout(3):
+            merged = await metrics_workers.gather(exposition(1, 0.01, 0), Worker(0, 2, tmp_path))
     finally:
         await runner.cleanup()
+    samples = parse(merged)
     up = {dict(k[1])["worker"]: v for k, v in samples.items() if k[0] == "sidecrypt_worker_up"}
     assert up == {"0": 1.0, "1": 0.0}
+    assert (
+        samples[
+            ("sidecrypt_requests_total", frozenset({("route", "POST /users/**"), ("worker", "0")}))
+        ]
+        == 1
+    )
+
+
+def test_a_metric_with_its_own_worker_label_keeps_distinct_series() -> None:
+    """As Prometheus does with a target label a series already has: exported_worker."""
+    registry = CollectorRegistry()
+    jobs = Counter("plugin_jobs", "Jobs by worker pool", ["worker"], registry=registry)
+    jobs.labels("a").inc()
+    jobs.labels("b").inc()
+    samples = parse(metrics_workers.merge([(0, generate_latest(registry))]))
+    for pool in ("a", "b"):
+        labels = frozenset({("exported_worker", pool), ("worker", "0")})
+        assert samples[("plugin_jobs_total", labels)] == 1

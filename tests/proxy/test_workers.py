@@ -7,7 +7,6 @@ Real processes (``python -m sidecrypt.cli run``), real Unix sockets and real TCP
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -16,21 +15,13 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
-import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.proxy.raw_upstream import RawUpstream, response, serve
+from tests.test_cli import example  # noqa: F401  (the example config, listen.tls on)
 
-from sidecrypt.errors import RequestError
-from sidecrypt.keyring import create_key
 from sidecrypt.plugins import metrics_workers
-from sidecrypt.proxy import forward
-from sidecrypt.proxy.workers import Worker
 
 SIDECRYPT = [sys.executable, "-m", "sidecrypt.cli"]
 SECRET = "SECRET-wr-77c1"
@@ -133,24 +124,11 @@ def test_sighup_to_a_plain_http_multi_worker_run_keeps_it_serving(tmp_path: Path
         _reap(proc, pids)
 
 
-@pytest.fixture
-def tls_example(tmp_path: Path) -> Path:
-    import shutil
-
-    from tests.test_cli import ROOT, run
-
-    (tmp_path / "config").mkdir()
-    shutil.copy(
-        ROOT / "config" / "sidecrypt.example.yaml", tmp_path / "config" / "sidecrypt.example.yaml"
-    )
-    assert run("certs", "dev", str(tmp_path / "certs")).returncode == 0
-    made = run("keys", "create", "--keyring", str(tmp_path / "config" / "keyring.json"), "app")
-    assert made.returncode == 0, made.stderr
-    return tmp_path / "config" / "sidecrypt.example.yaml"
-
-
-def test_sighup_while_workers_start_does_not_end_the_run(tls_example: Path, tmp_path: Path) -> None:
-    proc = _start(tls_example, tmp_path, SIDECRYPT_UPSTREAM_URL="http://127.0.0.1:9")
+def test_sighup_while_workers_start_does_not_end_the_run(
+    example: Path,  # noqa: F811  (test_cli's fixture, imported above)
+    tmp_path: Path,
+) -> None:
+    proc = _start(example, tmp_path, SIDECRYPT_UPSTREAM_URL="http://127.0.0.1:9")
     pids: list[int] = []
     try:
         deadline = time.monotonic() + 20
@@ -265,84 +243,7 @@ def test_sigterm_stops_every_worker_and_removes_the_socket_directory(tmp_path: P
         _reap(proc, pids)
 
 
-# -- /metrics fan-in -----------------------------------------------------------------------------
-
-
-def _exposition(**labels: str) -> bytes:
-    registry = CollectorRegistry()
-    names = sorted(labels)
-    counter = Counter("sidecrypt_requests", "Requests", names, registry=registry)
-    (counter.labels(*(labels[n] for n in names)) if names else counter).inc(3)
-    return generate_latest(registry)
-
-
-async def _peer(tmp_path: Path, body: bytes) -> web.AppRunner:
-    app = web.Application()
-
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="text/plain")
-
-    app.router.add_get("/metrics", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.UnixSite(runner, str(tmp_path / "w1.sock")).start()
-    return runner
-
-
-async def test_a_peer_with_bad_text_is_down_not_a_failed_scrape(tmp_path: Path) -> None:
-    runner = await _peer(tmp_path, b"this is not { an exposition\n")
-    try:
-        merged = await metrics_workers.gather(_exposition(), Worker(0, 2, tmp_path))
-    finally:
-        await runner.cleanup()
-    fams = {f.name: f for f in text_string_to_metric_families(merged.decode())}
-    up = {s.labels["worker"]: s.value for s in fams["sidecrypt_worker_up"].samples}
-    assert up == {"0": 1.0, "1": 0.0}
-
-
-def test_a_metric_with_its_own_worker_label_keeps_distinct_series() -> None:
-    registry = CollectorRegistry()
-    jobs = Counter("plugin_jobs", "Jobs by worker pool", ["worker"], registry=registry)
-    jobs.labels("a").inc()
-    jobs.labels("b").inc()
-    merged = metrics_workers.merge([(0, generate_latest(registry))])
-    series = [
-        (s.name, tuple(sorted(s.labels.items())))
-        for f in text_string_to_metric_families(merged.decode())
-        for s in f.samples
-    ]
-    assert len(series) == len(set(series)), series
-    assert ("plugin_jobs_total", (("exported_worker", "a"), ("worker", "0"))) in series
-
-
-async def test_a_peer_that_trickles_forever_is_cut_at_the_timeout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A peer that answers 200 and then sends a byte now and then (never finishing) is down."""
-    monkeypatch.setattr(metrics_workers, "PEER_TIMEOUT", 0.5)
-    app = web.Application()
-
-    async def trickle(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        resp.content_type = "text/plain"
-        await resp.prepare(request)
-        for _ in range(100):
-            await resp.write(b"# x\n")
-            await asyncio.sleep(0.05)
-        return resp
-
-    app.router.add_get("/metrics", trickle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    await web.UnixSite(runner, str(tmp_path / "w1.sock")).start()
-    try:
-        async with asyncio.timeout(3):
-            merged = await metrics_workers.gather(_exposition(), Worker(0, 2, tmp_path))
-    finally:
-        await runner.cleanup()
-    fams = {f.name: f for f in text_string_to_metric_families(merged.decode())}
-    up = {s.labels["worker"]: s.value for s in fams["sidecrypt_worker_up"].samples}
-    assert up == {"0": 1.0, "1": 0.0}
+# -- /metrics fan-in ---------------------------------------------------------------------------
 
 
 def test_merge_of_escaped_labels_and_created_samples_is_valid_text() -> None:
@@ -369,108 +270,3 @@ def test_merge_of_escaped_labels_and_created_samples_is_valid_text() -> None:
         for v in values
         for w in ("0", "1")
     }
-
-
-# -- check_path ----------------------------------------------------------------------------------
-
-
-def _view(target: str) -> Any:
-    from yarl import URL
-
-    url = URL(target, encoded=True)
-    return SimpleNamespace(raw_path=target, path=url.path)
-
-
-@pytest.mark.parametrize(
-    "target",
-    [
-        "/files/a;b.txt",  # ';' inside a name
-        "/files/report.v2.json",
-        "/files/%23tag",  # an encoded '#' is an ordinary character
-        "/files/...",
-        "/files/..foo",
-        "/.well-known/openid-configuration",
-        "/users/1;jsessionid=abc",
-        "/search?q=a#b".replace("#", "%23"),
-        "/a/b?next=/../x",  # dots in the query are not the path's business
-    ],
-)
-def test_check_path_lets_legitimate_targets_through(target: str) -> None:
-    forward.check_path(_view(target))
-
-
-@pytest.mark.parametrize(
-    "target",
-    ["/public/..;/users/1", "/public/%2e%2e;/users/1", "/public/.;x/../users", "/public/..%3b/u"],
-)
-def test_check_path_refuses_dot_segments_with_parameters(target: str) -> None:
-    with pytest.raises(RequestError):
-        forward.check_path(_view(target))
-
-
-def _route_config(upstream_url: str) -> dict[str, Any]:
-    return {
-        "upstream": {"url": upstream_url},
-        "keys": {"app": {"provider": "local", "keyring": "keyring.json", "reload_interval": 0}},
-        "routes": [
-            {
-                "match": {"methods": ["*"], "path": "/users/**"},
-                "key": "app",
-                "request": {"encrypt": ["$.ssn"]},
-            }
-        ],
-    }
-
-
-@pytest.mark.parametrize("target", ["/;/users/1", "/;x=1/users/1"])
-async def test_an_empty_parameter_segment_does_not_hide_a_route(
-    proxy_factory: Any, tmp_path: Path, target: str
-) -> None:
-    async with RawUpstream(serve(response(200, b"{}"))) as up:
-        create_key(tmp_path / "keyring.json", "app")
-        proxy = await proxy_factory(_route_config(up.url()), tls=False, base_dir=tmp_path)
-        body = json.dumps({"ssn": SECRET}).encode()
-        port = int(proxy.url.rsplit(":", 1)[1])
-        async with asyncio.timeout(10):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(
-                f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await reader.read()
-            writer.close()
-        received = b"".join(bytes(c.received) for c in up.connections)
-        assert SECRET.encode() not in received, received[:300]
-
-
-# -- send_timeout v2 -----------------------------------------------------------------------------
-
-
-async def test_a_slow_reader_with_the_kernel_s_own_send_buffer_is_not_cut(
-    proxy_factory: Any,
-) -> None:
-    """As test_hot_path's slow reader, but with the send buffer the kernel autotunes (no
-    SO_SNDBUF shrink): progress then reaches the transport's buffer only in steps of a third
-    of the kernel's buffer."""
-    from tests.proxy.test_send_timeout import fixed
-
-    size = 3 * 1024 * 1024
-    async with asyncio.timeout(20), RawUpstream(fixed(size)) as up:
-        proxy = await proxy_factory(
-            {"upstream": {"url": up.url()}, "server": {"send_timeout": 0.5}}, tls=False
-        )
-        port = int(proxy.url.rsplit(":", 1)[1])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=65536)
-        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-        await reader.readuntil(b"\r\n\r\n")
-        got = 0
-        started = time.monotonic()
-        try:
-            while got < size and time.monotonic() - started < 3:  # ~100 KiB/s, never stalls
-                piece = await reader.read(4096)
-                assert piece, f"cut after {got} of {size} bytes"
-                got += len(piece)
-                await asyncio.sleep(0.04)
-        finally:
-            writer.transport.abort()
