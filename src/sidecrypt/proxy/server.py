@@ -17,7 +17,7 @@ from aiohttp import web
 from .. import appkeys
 from ..config import Settings, parse_address
 from ..plugin_manager import describe_plugins, make_plugin_manager
-from . import dispatch, front, send_timeout, tls
+from . import dispatch, front, send_timeout, tls, workers
 from .app import CATCH_ALL_KEY, PROXY_KEY, create_app
 from .workers import Worker
 
@@ -184,8 +184,6 @@ def run(settings: Settings) -> int:
     if settings.server.workers == 1:
         run_loop(serve(settings))
         return 0
-    from . import workers
-
     return workers.run(settings)
 
 
