@@ -37,6 +37,8 @@ An observer list instead of an aiohttp middleware: a middleware adds two corouti
 request, which cost ~10% of pass-through throughput in the bench (bench/PROFILE.md).
 """
 REQUEST_OBSERVERS: web.AppKey[list[RequestObserver]] = web.AppKey("sidecrypt.request_observers")
+PROXY_GAUGES: web.AppKey[Callable[[], dict[str, int]]] = web.AppKey("sidecrypt.proxy_gauges")
+"""The proxy's live figures, read at scrape time: requests in flight, upstream connections."""
 """Set by the audit plugin: a fast sync check; False means refuse key use with 503."""
 
 PEER_CERT: web.RequestKey[PeerCertificate | None] = web.RequestKey("sidecrypt.peer_cert")

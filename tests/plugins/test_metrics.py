@@ -244,7 +244,7 @@ async def test_metrics_through_the_running_proxy(
     calls = dict(key="app", provider="local", operation="generate_data_key", outcome="ok")
     assert value(samples, "sidecrypt_key_provider_calls_total", **calls) == 1
     assert value(samples, "sidecrypt_data_key_cache_hits_total", operation="encrypt") == 1
-    failed = dict(route=ROUTE_LABEL, step="request_transform", error="RequestError")
+    failed = dict(route=ROUTE_LABEL, step="request_transform", error="malformed_json")
     assert value(samples, "sidecrypt_request_failures_total", **failed) == 1
     assert CANARY not in text
 

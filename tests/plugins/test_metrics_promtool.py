@@ -1,10 +1,13 @@
 """The /metrics exposition follows Prometheus's conventions: `promtool check metrics` finds no
-problem in it after real traffic (requests, encrypted and decrypted fields, a refusal)."""
+problem in it after real traffic, the usual runtime series are there, and the Grafana
+dashboard's queries parse and name real series."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -14,7 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
+from sidecrypt import __version__
 from sidecrypt.keyring import create_key
 
 
@@ -107,3 +113,48 @@ def test_dashboard_queries_parse_and_name_real_metrics(tmp_path: Path) -> None:
     for name in {n for e in exprs for n in re.findall(r"sidecrypt_[a-z_]+", e)}:
         base = next((name[: -len(s)] for s in suffixes if name.endswith(s)), name)
         assert name in exported or base in exported, name
+
+
+async def test_runtime_series_follow_the_conventions(
+    upstream_factory: Any, proxy_factory: Any
+) -> None:
+    """process_*, python_*, build info, and live gauges: a request held by the upstream is in
+    flight and holds one pooled connection; once answered, neither is."""
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.wait_for(release.wait(), 10)
+        return web.Response(text="ok")
+
+    up = await upstream_factory(slow)
+    proxy = await proxy_factory({"upstream": {"url": up.url}}, tls=False)
+
+    async def scrape(session: aiohttp.ClientSession) -> dict[str, float]:
+        async with session.get(f"{proxy.admin_url}/metrics") as resp:
+            text = await resp.text()
+        return {
+            s.name + repr(sorted(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+
+    async with aiohttp.ClientSession() as session:
+        held = asyncio.ensure_future(session.get(f"{proxy.url}/slow"))
+        await asyncio.wait_for(arrived.wait(), 10)
+        during = await scrape(session)
+        release.set()
+        async with await held as resp:
+            assert resp.status == 200
+        after = await scrape(session)
+    assert during["sidecrypt_requests_in_flight[]"] == 1
+    assert during["sidecrypt_upstream_connections[('state', 'in_use')]"] == 1
+    assert after["sidecrypt_requests_in_flight[]"] == 0
+    assert after["sidecrypt_upstream_connections[('state', 'in_use')]"] == 0
+    assert after["sidecrypt_upstream_connections[('state', 'idle')]"] == 1
+    version = f"[('python', '{platform.python_version()}'), ('version', '{__version__}')]"
+    assert after["sidecrypt_build_info" + version] == 1
+    assert any(name.startswith("process_cpu_seconds_total") for name in after)
+    assert any(name.startswith("python_info") for name in after)
+    assert any(name.startswith("python_gc_objects_collected_total") for name in after)

@@ -13,13 +13,21 @@ codes and error class names: never field values, context values or key material.
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from itertools import accumulate
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -28,7 +36,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
-from .. import appkeys, hookimpl
+from .. import __version__, appkeys, hookimpl
 from ..config import Settings
 from ..events import AuditEvent
 from ..proxy.incoming import RequestView
@@ -55,6 +63,27 @@ class _StateCollector:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily(
+            "sidecrypt_build_info",
+            "Always 1: the running sidecrypt's version and Python",
+            labels=["version", "python"],
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+        gauges = self.app.get(appkeys.PROXY_GAUGES)
+        if gauges is not None:
+            now = gauges()
+            yield GaugeMetricFamily(
+                "sidecrypt_requests_in_flight", "Requests being handled", value=now["in_flight"]
+            )
+            pool = GaugeMetricFamily(
+                "sidecrypt_upstream_connections",
+                "Pooled upstream connections by state (in_use, idle)",
+                labels=["state"],
+            )
+            pool.add_metric(["in_use"], now["upstream_open"] - now["upstream_idle"])
+            pool.add_metric(["idle"], now["upstream_idle"])
+            yield pool
         keys = self.app.get(appkeys.KEYS)
         if keys is not None:
             stats = keys.stats
@@ -247,6 +276,10 @@ class Metrics:
             registry=registry,
         )
         registry.register(_StateCollector(app))
+        # The process_* and python_* series every Prometheus client exports, on this registry.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         self._children: dict[tuple[object, ...], Any] = {}
         self._pending: list[tuple[str, int, float, float | None]] = []
         self._counts: dict[tuple[str, ...], int] = {}

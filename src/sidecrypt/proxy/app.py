@@ -96,12 +96,18 @@ class Proxy:
         self.observers: list[appkeys.RequestObserver] = []
         self.audit_gate: Callable[[], bool] = lambda: True
         self._ids = itertools.count(1)
+        self.in_flight = 0  # requests being handled (a gauge in /metrics)
         self._id_prefix = os.urandom(4).hex()
         # Hooks called several times per request go through DirectHook (hookcall.py): pluggy's
         # order and semantics without its per-call bookkeeping.
         self._audit = DirectHook(pm.hook.sidecrypt_audit)
         self._identify = DirectHook(pm.hook.sidecrypt_identify)
         self._authorize = DirectHook(pm.hook.sidecrypt_authorize)
+
+    def gauges(self) -> dict[str, int]:
+        pool = self.pool
+        open_, idle = (pool.open_count, pool.idle_count) if pool is not None else (0, 0)
+        return {"in_flight": self.in_flight, "upstream_open": open_, "upstream_idle": idle}
 
     def audit(self, event: AuditEvent) -> None:
         self._audit.call1("event", event)
@@ -116,6 +122,7 @@ class Proxy:
         """
         started = time.perf_counter()
         status = 500
+        self.in_flight += 1
         rid = request.headers.get(_REQUEST_ID, "")
         if not 0 < len(rid) <= 128:  # a client's id is kept for correlation, within reason
             rid = f"{self._id_prefix}-{next(self._ids)}"
@@ -161,6 +168,7 @@ class Proxy:
             status = exc.status
             raise
         finally:
+            self.in_flight -= 1
             if self.observers:
                 if response is not None:
                     status = response.status
@@ -194,7 +202,7 @@ class Proxy:
                     request_id=request[appkeys.REQUEST_ID],
                     principal=_principal_id(request),
                     step=step,
-                    error=type(exc).__name__,
+                    error=exc.code,  # as in the JSON error body: stable, never a value
                 )
             )
         level = logging.WARNING if exc.status < 500 else logging.ERROR
@@ -497,6 +505,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
     app.cleanup_ctx.append(_lifespan)
     app[CATCH_ALL_KEY] = app.router.add_route("*", "/{tail:.*}", proxy.handle)
     app[appkeys.REQUEST_OBSERVERS] = proxy.observers
+    app[appkeys.PROXY_GAUGES] = proxy.gauges
     pm.hook.sidecrypt_app(app=app, settings=settings)
     # The audit plugin installs a fast gate: refuse key use before it happens, not after.
     proxy.audit_gate = app.get(appkeys.AUDIT_GATE, proxy.audit_gate)
