@@ -22,3 +22,11 @@ def test_license_is_an_spdx_expression_with_its_file() -> None:
     assert "Apache License" in (ROOT / "LICENSE").read_text()
     build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
     assert any(r.startswith("setuptools>=77") for r in build["requires"])  # PEP 639 support
+
+
+def test_runtime_install_needs_no_test_library() -> None:
+    """trustme, pytest and friends are test extras: dev certificates come from cryptography."""
+    runtime = " ".join(project()["dependencies"]).lower()  # type: ignore[arg-type]
+    for test_only in ("trustme", "pytest", "hypothesis", "moto"):
+        assert test_only not in runtime, test_only
+    assert "trustme" not in (ROOT / "src" / "sidecrypt" / "certs.py").read_text()
