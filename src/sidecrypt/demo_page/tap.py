@@ -61,6 +61,8 @@ class Tap:
             await asyncio.gather(
                 _pump(reader, up_writer, self.sent), _pump(up_reader, writer, self.received)
             )
+        except asyncio.CancelledError:
+            pass  # close(): asyncio's stream server would log a cancelled handler as an error
         finally:
             for w in (writer, up_writer):
                 w.close()
