@@ -90,10 +90,15 @@ def cmd_certs_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     # The demo's output is the story; logs only when something goes wrong (or when asked).
     logs.setup(args.log_level or "error", args.log_format or "text")
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if args.browser or (interactive and not args.no_browser and not args.keep_running):
+        from .demo_page.serve import run_page
+
+        return run_page(args.port)
+    from .demo import run_demo
+
     return run_demo(keep_running=args.keep_running)
 
 
@@ -250,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="do not contact key providers")
     p = verb("demo", cmd_demo, "run a self-contained demo: legacy app + sidecrypt in front of it")
     p.add_argument("--keep-running", action="store_true", help="stay up for curl")
+    p.add_argument(
+        "--browser",
+        action="store_true",
+        help="serve the demo page even when not run from a terminal (the default from one)",
+    )
+    p.add_argument(
+        "--no-browser", action="store_true", help="print the terminal version instead of the page"
+    )
+    p.add_argument(
+        "--port", type=int, default=0, help="the page's port on 127.0.0.1 (default: a free one)"
+    )
 
     certs = verb("certs", lambda a: 2, "certificate tooling")
     csub = certs.add_subparsers(dest="certs_verb", required=True, metavar="VERB")

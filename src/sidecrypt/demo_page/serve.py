@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from ..proxy import server
 from .console import create_console
 from .stack import DemoStack, start_stack
 
@@ -31,5 +33,19 @@ async def serve_page(port: int = 0, *, stop: asyncio.Event | None = None) -> Non
         print(f"sidecrypt demo: open {url}")
         print(f"  sidecrypt (TLS, mTLS callers): https://localhost:{stack.proxy_port}")
         print(f"  admin: http://127.0.0.1:{stack.admin_port}/readyz")
-        print("  Ctrl-C stops it and removes every file it made.", flush=True)
+        print(f"  files: {stack.workdir} (Ctrl-C removes them)", flush=True)
         await (stop or asyncio.Event()).wait()
+
+
+def run_page(port: int = 0) -> int:
+    """Serve until SIGINT or SIGTERM; either way every file the demo made is removed."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_page(port, stop=stop)
+
+    server.run_loop(main())
+    return 0
