@@ -27,6 +27,7 @@ KEYS: web.AppKey[DataKeyService] = web.AppKey("sidecrypt.keys")
 ADMIN: web.AppKey[web.Application] = web.AppKey("sidecrypt.admin")
 PROXY: web.AppKey[web.Application] = web.AppKey("sidecrypt.proxy")
 AUDIT_GATE: web.AppKey[Callable[[], bool]] = web.AppKey("sidecrypt.audit_gate")
+"""Set by the audit plugin: a fast sync check; False means refuse key use with 503."""
 WORKER: web.AppKey[Worker] = web.AppKey("sidecrypt.worker")
 """This process's place among ``server.workers`` (absent with one worker)."""
 
@@ -39,10 +40,11 @@ request, which cost ~10% of pass-through throughput in the bench (bench/PROFILE.
 REQUEST_OBSERVERS: web.AppKey[list[RequestObserver]] = web.AppKey("sidecrypt.request_observers")
 PROXY_GAUGES: web.AppKey[Callable[[], dict[str, int]]] = web.AppKey("sidecrypt.proxy_gauges")
 """The proxy's live figures, read at scrape time: requests in flight, upstream connections."""
-"""Set by the audit plugin: a fast sync check; False means refuse key use with 503."""
 
 PEER_CERT: web.RequestKey[PeerCertificate | None] = web.RequestKey("sidecrypt.peer_cert")
 PRINCIPAL: web.RequestKey[Principal | None] = web.RequestKey("sidecrypt.principal")
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("sidecrypt.request_id")
 ROUTE: web.RequestKey[str] = web.RequestKey("sidecrypt.route")
 UPSTREAM_SECONDS: web.RequestKey[float] = web.RequestKey("sidecrypt.upstream_seconds")
+RESPONSE_BYTES: web.RequestKey[int | None] = web.RequestKey("sidecrypt.response_bytes")
+"""The answer's body size, set before the observers run (None: not known, e.g. HEAD)."""

@@ -22,6 +22,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "sidecrypt.plugins.identity",
     "sidecrypt.plugins.policy",
     "sidecrypt.plugins.metrics",
+    "sidecrypt.plugins.access_log",
     "sidecrypt.plugins.jwks",
 )
 

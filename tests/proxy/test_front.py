@@ -1613,7 +1613,7 @@ class ExtraRoute:
 CHOICES: dict[str, tuple[dict[str, Any], tuple[object, ...], bool]] = {
     "default": ({}, (), True),
     "engine-aiohttp": ({"engine": "aiohttp"}, (), False),
-    "access-log": ({"access_log": True}, (), False),
+    "access-log": ({"access_log": True}, (), True),  # an observer: no need for aiohttp's server
     "middleware": ({}, (Middleware(),), False),
     "response-signal": ({}, (PrepareSignal(),), False),
     "plugin-route": ({}, (ExtraRoute(),), False),

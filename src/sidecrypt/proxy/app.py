@@ -172,6 +172,11 @@ class Proxy:
             if self.observers:
                 if response is not None:
                     status = response.status
+                    request[appkeys.RESPONSE_BYTES] = (
+                        response.content_length
+                        if response.content_length is not None
+                        else response.body_length or None
+                    )
                 seconds = time.perf_counter() - started
                 for observe in self.observers:
                     observe(request, status, seconds)

@@ -77,7 +77,7 @@ async def start(
         handler_cancellation=True,
         shutdown_timeout=settings.server.grace_period,
         keepalive_timeout=settings.server.keepalive_timeout,
-        access_log=logging.getLogger("aiohttp.access") if settings.server.access_log else None,
+        access_log=None,  # server.access_log: plugins/access_log.py, on either engine
     )
     await runner.setup()
     engine = _choose_engine(runner, settings)
@@ -137,12 +137,12 @@ def _choose_engine(runner: web.AppRunner, settings: Settings) -> str:
     catch_all = dispatch.install(runner, app[CATCH_ALL_KEY], handler)
     wanted = settings.server.engine
     if wanted == "lean":
-        if catch_all and not app.on_response_prepare and not settings.server.access_log:
+        if catch_all and not app.on_response_prepare:
             front.install(runner, handler, settings)
             return "lean"
         log.info(
-            "serving through aiohttp's server: the access log, or a plugin's routes, "
-            "middlewares or response signals on the proxy app, need it"
+            "serving through aiohttp's server: a plugin's routes, middlewares or response "
+            "signals on the proxy app need it"
         )
     send_timeout.install(runner, settings.server.send_timeout)
     return "aiohttp"
