@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -50,6 +51,9 @@ METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Overrid
 # Looked up on every request: istr keys skip the case folding, three tests skip a generator.
 _OVERRIDE_1, _OVERRIDE_2, _OVERRIDE_3 = map(istr, METHOD_OVERRIDES)
 _REQUEST_ID = istr("X-Request-Id")
+# A client's id is kept when it is one a log line or a header can carry as it is (UUIDs, hex,
+# base64, W3C trace ids); anything else is replaced by sidecrypt's own.
+_VALID_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 JSON_TYPES = ("application/json",)
 # JSON whose values sit where no field selector looks (RFC 6902 puts them under "value").
 OPAQUE_JSON = frozenset({"application/json-patch+json"})
@@ -124,7 +128,7 @@ class Proxy:
         status = 500
         self.in_flight += 1
         rid = request.headers.get(_REQUEST_ID, "")
-        if not 0 < len(rid) <= 128:  # a client's id is kept for correlation, within reason
+        if not rid or _VALID_ID.fullmatch(rid) is None:
             rid = f"{self._id_prefix}-{next(self._ids)}"
         request[appkeys.REQUEST_ID] = rid
         route: CompiledRoute | None = None
@@ -164,6 +168,7 @@ class Proxy:
         except SidecryptError as exc:
             self._log_failure(request, route, step, exc)
             response = error_response(exc, rid)
+            response.headers[_REQUEST_ID] = rid
         except web.HTTPException as exc:
             status = exc.status
             raise
@@ -313,6 +318,7 @@ class Proxy:
             keep_length=not transformed,
             identity_encoding=wants_response,
             drop=self.drop_headers,
+            request_id=request[appkeys.REQUEST_ID],
         )
         data: Any
         if transformed:
@@ -365,12 +371,16 @@ class Proxy:
         no_body = request.method == "HEAD" or upstream.status in (204, 304)
         if no_body or (length is not None and length <= SMALL_BODY):
             payload = b"" if no_body else await upstream.read()
-            headers = forward.response_headers(upstream.headers, keep_length=no_body)
+            headers = forward.response_headers(
+                upstream.headers, keep_length=no_body, request_id=request[appkeys.REQUEST_ID]
+            )
             resp = web.Response(status=upstream.status, reason=upstream.reason, headers=headers)
             if payload:
                 resp.body = payload
             return resp
-        headers = forward.response_headers(upstream.headers, keep_length=True)
+        headers = forward.response_headers(
+            upstream.headers, keep_length=True, request_id=request[appkeys.REQUEST_ID]
+        )
         stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await stream.prepare(base_request(request))
         try:
@@ -445,7 +455,12 @@ class Proxy:
             except RequestError as exc:
                 raise _upstream_body_error(exc) from None
             self._field_event("encrypt_fields", request, route, context, labels)
-        headers = forward.response_headers(upstream.headers, keep_length=False, decoded=True)
+        headers = forward.response_headers(
+            upstream.headers,
+            keep_length=False,
+            decoded=True,
+            request_id=request[appkeys.REQUEST_ID],
+        )
         return web.Response(
             status=upstream.status, reason=upstream.reason, headers=headers, body=body
         )

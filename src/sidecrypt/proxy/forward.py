@@ -51,7 +51,7 @@ def _tokens(value: str) -> frozenset[str]:
 @functools.lru_cache(maxsize=64)
 def _skipped(drop: frozenset[str], keep_length: bool, identity_encoding: bool) -> frozenset[str]:
     """Lower-case names never copied upstream, worked out once per proxy and body treatment."""
-    skip = set(HOP_BY_HOP) | {"host"} | drop
+    skip = set(HOP_BY_HOP) | {"host", "x-request-id"} | drop
     if not keep_length:  # the body is replaced: its length and coding are the pool's to set
         skip |= {"content-length", "content-encoding"}
     if identity_encoding:  # replaced by "identity" below
@@ -67,8 +67,10 @@ def request_headers(
     keep_length: bool,
     identity_encoding: bool = False,
     drop: frozenset[str] = frozenset(),
+    request_id: str | None = None,
 ) -> list[tuple[str, str]]:
-    """Headers for the upstream request: hop-by-hop dropped, X-Forwarded-* set, Host rewritten.
+    """Headers for the upstream request: hop-by-hop dropped, X-Forwarded-* set, Host rewritten,
+    X-Request-Id set to the request's id (the client's when valid, else sidecrypt's own).
 
     A plain list in the client's order: the upstream pool writes it as it is (and owns framing).
     """
@@ -98,13 +100,20 @@ def request_headers(
         out.append(("X-Forwarded-Host", host))
     if identity_encoding:
         out.append(("Accept-Encoding", "identity"))
+    if request_id:
+        out.append(("X-Request-Id", request_id))
     return out
 
 
 def response_headers(
-    headers: CIMultiDictProxy[str], *, keep_length: bool, decoded: bool = False
+    headers: CIMultiDictProxy[str],
+    *,
+    keep_length: bool,
+    decoded: bool = False,
+    request_id: str | None = None,
 ) -> list[tuple[str, str]]:
-    """Headers for the client; ``decoded``: the body is sent without its Content-Encoding.
+    """Headers for the client; ``decoded``: the body is sent without its Content-Encoding;
+    ``request_id`` replaces any X-Request-Id the upstream sent (one id per request).
 
     A plain list: aiohttp's response copies whatever it is given into its own multidict.
     """
@@ -114,11 +123,15 @@ def response_headers(
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in extra:
             continue
+        if request_id and lname == "x-request-id":
+            continue
         if lname == "content-length" and not keep_length:
             continue
         if decoded and lname == "content-encoding":
             continue
         out.append((name, value))
+    if request_id:
+        out.append(("X-Request-Id", request_id))
     return out
 
 
