@@ -12,9 +12,11 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import unquote_plus
 
 import pluggy
 from aiohttp import web
@@ -42,7 +44,7 @@ from ..transform import paths
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .incoming import RequestView, base_request
-from .routes import CompiledRoute, Hit, Router, reading_of
+from .routes import CompiledRoute, Hit, Router
 from .upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ class Proxy:
                 if not paths.trivial(raw):
                     self._check_readings(method, raw, match, guard)
                 if query and ("%" in query or "method" in query.lower()):
-                    self._check_query_override(request)
+                    self._check_query_override(request, query)
                 if (
                     guard is not None
                     and (match is None or not match[0].needs_request_body)
@@ -196,13 +198,7 @@ class Proxy:
         key = (method, raw)
         ok = self._readings_ok.get(key)
         if ok is None:
-            router = self.router
-            forms = paths.readings(raw)
-            ok = not paths.conflict(
-                forms,
-                reading_of(match, guard),
-                lambda form: router.reading(method, form, folded=True),
-            )
+            ok = not self.router.ambiguous(method, raw, match, guard)
             if len(self._readings_ok) >= READINGS_CACHE:
                 self._readings_ok.clear()
             self._readings_ok[key] = ok
@@ -231,10 +227,9 @@ class Proxy:
             )
         return guard
 
-    def _check_query_override(self, request: RequestView) -> None:
-        for name, value in request.query.items():
-            if name.strip().lower() in OVERRIDE_PARAMS:
-                self.check_method_override(request, value)
+    def _check_query_override(self, request: RequestView, query: str) -> None:
+        for value in override_values(query):
+            self.check_method_override(request, value)
 
     def check_method_override(self, request: RequestView, value: str) -> None:
         """Refuse a method override (a ``_method`` query or form field) that would make the app
@@ -525,6 +520,26 @@ class Proxy:
             purpose_of(request, self.settings),
             authorize=self._authorize,
         )
+
+
+def override_values(query: str) -> list[str]:
+    """The values of method-override fields in a query (or urlencoded form) string.
+
+    Names are read as loosely as any framework might: split on ``&`` and ``;``, decoded up to
+    three times, trimmed, case-folded, and ``_method[]``-style suffixes dropped.
+    """
+    out = []
+    for piece in re.split("[&;]", query):
+        name, _, value = piece.partition("=")
+        for _ in range(3):
+            decoded = unquote_plus(name)
+            if decoded == name:
+                break
+            name = decoded
+        name = name.strip().lower().partition("[")[0]
+        if name in OVERRIDE_PARAMS:
+            out.append(unquote_plus(value))
+    return out
 
 
 def _upstream_body_error(exc: RequestError) -> SidecryptError:

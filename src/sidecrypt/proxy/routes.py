@@ -368,6 +368,15 @@ class Router:
             own, guard = self.lookup(method, path)
         return reading_of(own, guard)
 
+    def ambiguous(self, method: str, raw: str, match: Hit | None, guard: Hit | None) -> bool:
+        """The path rule (transform/paths.py) for a raw path whose own lookup gave ``match``
+        and ``guard``: True when some reading of it selects other field rules."""
+        return paths.conflict(
+            paths.readings(raw),
+            reading_of(match, guard),
+            lambda form: self.reading(method, form, folded=True),
+        )
+
 
 _NO_READING: paths.Reading = (None, None)
 
