@@ -28,8 +28,16 @@ ROUTER = Router(
     [
         config.Route.model_validate(r)
         for r in [
-            {"match": {"methods": ["POST", "PUT"], "path": "/users/**"}, "key": "k", "request": FIELDS},
-            {"match": {"methods": ["POST"], "path": "/accounts/{id}"}, "key": "k", "request": FIELDS},
+            {
+                "match": {"methods": ["POST", "PUT"], "path": "/users/**"},
+                "key": "k",
+                "request": FIELDS,
+            },
+            {
+                "match": {"methods": ["POST"], "path": "/accounts/{id}"},
+                "key": "k",
+                "request": FIELDS,
+            },
             {"match": {"path": "/billing/**"}, "key": "k", "request": FIELDS},
             {"match": {"methods": ["GET"], "path": "/profiles/**"}, "key": "k", "response": FIELDS},
             {"match": {"path": "/public/**"}},
@@ -37,7 +45,12 @@ ROUTER = Router(
     ],
     default_max_body=1 << 20,
 )
-LABELS = {r.label: name for r, name in zip(ROUTER.routes, ["users", "accounts", "billing", "profiles", "public"], strict=True)}
+LABELS = {
+    r.label: name
+    for r, name in zip(
+        ROUTER.routes, ["users", "accounts", "billing", "profiles", "public"], strict=True
+    )
+}
 
 
 class _Target:
@@ -183,7 +196,10 @@ def test_fold_pattern_keeps_wildcards_and_names() -> None:
 
 # -- the property: encodings and folds never reach the protected route unnoticed ----------------
 
-FULLWIDTH = {c: chr(ord(c) + 0xFEE0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"}
+FULLWIDTH = {
+    c: chr(ord(c) + 0xFEE0)
+    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+}
 IGNORABLES = ["\u200b", "\u200d", "\u00ad", "\ufeff", "\u2060", "\ufe0f"]
 
 

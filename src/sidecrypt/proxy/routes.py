@@ -382,9 +382,12 @@ _NO_READING: paths.Reading = (None, None)
 
 
 def reading_of(own: Hit | None, guard: Hit | None) -> paths.Reading:
+    """(the route whose rules apply to the request, the route whose request rules protect a
+    body): a method no route lists takes the protecting route's rules (app.py)."""
     mine = own[0] if own is not None else None
     if mine is not None and not (mine.needs_request_body or mine.needs_response_body):
         mine = None
     if mine is not None and mine.needs_request_body:
         return (mine, mine)
-    return (mine, guard[0] if guard is not None else None)
+    body = guard[0] if guard is not None else None
+    return (mine if own is not None else body, body)
