@@ -40,6 +40,7 @@ def routes() -> list[dict[str, Any]]:
             "request": {"encrypt": ["$.card.number"]},
         },
         {"match": {"methods": ["GET"], "path": "/accounts/**"}, "key": "app", "response": ssn},
+        {"match": {"methods": ["PATCH"], "path": "/accounts/**"}, "key": "app", "response": ssn},
         {"match": {"methods": ["POST"], "path": "/accounts/**"}, "key": "app", "request": ssn},
         {"match": {"path": "/public/**"}},
     ]
@@ -179,10 +180,15 @@ async def test_lowercase_and_unknown_tokens_never_carry_plaintext(
 async def test_a_method_that_another_route_takes_without_request_rules_is_refused(
     env: Env, certs: Certs
 ) -> None:
-    """GET /accounts has response rules only; a body under it would skip the POST route's."""
+    """GET and PATCH /accounts have response rules only; a body under them would skip the
+    POST route's request rules."""
     proxy, up, _ = env
     status, answer = await send(proxy, certs, "GET", "/accounts/1")
     assert status == 400 and error_code(answer) == "body_not_allowed"
+    status, answer = await send(proxy, certs, "PATCH", "/accounts/1")
+    assert status == 405 and error_code(answer) == "method_not_protected"
+    assert CANARY.encode() not in answer
+    assert up.seen == []
     status, _ = await send(proxy, certs, "DELETE", "/accounts/1")  # no route lists DELETE
     assert status == 200
     assert is_envelope(json.loads(up.seen[0].body)["ssn"])
