@@ -89,7 +89,7 @@ async def send(
     if body:
         lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
     await writer.drain()
     data = await asyncio.wait_for(reader.read(), TIMEOUT)
     writer.close()
@@ -162,9 +162,13 @@ async def test_get_and_head_with_a_body_on_a_protected_path_are_refused(
     if method == "GET":
         assert error_code(answer) == "body_not_allowed"
     assert up.seen == []
-    # Without a body they pass as before.
+    # Without a body (or with an empty one) they pass as before.
     status, _ = await send(proxy, certs, method, "/users/1", body=b"")
     assert status == 200 and [s.method for s in up.seen] == [method]
+    status, _ = await send(
+        proxy, certs, method, "/users/1", body=b"", headers={"Content-Length": "0"}
+    )
+    assert status == 200 and [s.method for s in up.seen] == [method, method]
 
 
 @pytest.mark.parametrize("method", ["post", "Delete", "FOO", "X-CUSTOM", "BREW", "PROPPATCH "])
@@ -248,6 +252,26 @@ async def test_a_method_override_field_that_changes_the_rules_is_refused(
     assert up.seen == []
 
 
+@pytest.mark.parametrize(
+    "key",
+    ["_method", "_METHOD", " _method", "\\u005fmethod", "_\\u006Dethod", "x-http-method-override"],
+)
+async def test_a_json_method_override_that_changes_the_rules_is_refused(
+    env: Env, certs: Certs, key: str
+) -> None:
+    """Laravel merges a JSON body into its input, and reads _method from there."""
+    proxy, up, _ = env
+    body = b'{"%s": "PUT", "ssn": "%s"}' % (key.encode(), CANARY.encode())
+    status, answer = await send(proxy, certs, "POST", "/orders/1", body=body)
+    assert status == 400 and error_code(answer) == "method_override"
+    assert up.seen == []
+    # A key that merely ends in "method" is data, not an override.
+    body = b'{"payment_method": "PUT", "ssn": "%s"}' % CANARY.encode()
+    status, _ = await send(proxy, certs, "POST", "/orders/1", body=body)
+    assert status == 200
+    assert_no_canary(up)
+
+
 async def test_a_method_override_field_that_keeps_the_rules_passes(env: Env, certs: Certs) -> None:
     proxy, up, targets = env
     status, _ = await send(proxy, certs, "POST", "/users/1?_method=PATCH")  # same rules
@@ -295,6 +319,15 @@ async def test_targets_the_app_may_read_as_a_protected_path_are_refused(
             continue  # aiohttp's own router ("/{tail:.*}") stops at a newline: not forwarded
         assert status == 400, (target, answer)
         assert error_code(answer) == "ambiguous_path"
+    assert up.seen == []
+
+
+@pytest.mark.parametrize("target", ["/\uff55sers/1", "/u\u200bsers/1", "/users\uff0e/1"])
+async def test_raw_unicode_targets_are_refused(env: Env, certs: Certs, target: str) -> None:
+    """UTF-8 bytes sent unencoded in the request line: refused by the parser or by the rule."""
+    proxy, up, _ = env
+    status, _ = await send(proxy, certs, "POST", target)
+    assert status == 400
     assert up.seen == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import re
@@ -57,6 +58,9 @@ OVERRIDE_PARAMS = frozenset(
 # A body on these has no defined meaning (RFC 9110 9.3.1/9.3.2); some servers ignore it and read
 # it as the next request. On a path whose bodies are protected, one is refused.
 BODYLESS_METHODS = frozenset({"GET", "HEAD"})
+# A JSON body that may carry an override key: "_method" in any case, or an ASCII letter
+# escaped (encoders escape only non-ASCII and controls, so "\u005f" is someone's choice).
+_JSON_OVERRIDE = re.compile(rb"[_-][mM][eE][tT][hH][oO][dD]|\\u00[4-7][0-9a-fA-F]")
 READINGS_CACHE = 4096  # (method, raw path) decisions of the path rule kept per proxy
 _REQUEST_ID = istr("X-Request-Id")
 JSON_TYPES = ("application/json",)
@@ -172,6 +176,8 @@ class Proxy:
                     body = await self._read_request_json(request, route)
                     if body is not None:
                         step = "request_transform"
+                        if _JSON_OVERRIDE.search(body) is not None:
+                            self._check_json_override(request, body)
                         body = await self._transform_request(request, route, body, context)
                 step = "upstream"
                 response = await self._forward(request, route, context, body)
@@ -230,6 +236,17 @@ class Proxy:
     def _check_query_override(self, request: RequestView, query: str) -> None:
         for value in override_values(query):
             self.check_method_override(request, value)
+
+    def _check_json_override(self, request: RequestView, body: bytes) -> None:
+        """Laravel reads ``_method`` from a JSON body too (its input bag merges JSON)."""
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return  # the transform refuses it (400) with the reason
+        if isinstance(doc, dict):
+            for name, value in doc.items():
+                if name.strip().lower() in OVERRIDE_PARAMS and isinstance(value, str):
+                    self.check_method_override(request, value)
 
     def check_method_override(self, request: RequestView, value: str) -> None:
         """Refuse a method override (a ``_method`` query or form field) that would make the app

@@ -7,6 +7,11 @@ The first route (in config order) whose methods and pattern match wins. Literal 
 found with one dict lookup; only pattern routes listed before that hit are tried as regexes.
 Match against the *decoded* path (aiohttp's ``request.path``), the one the upstream app routes
 on, so percent-encoding cannot slip a request past its rule.
+
+A path protects every method: :meth:`Router.lookup` also gives the first route with request
+rules whatever its methods, whose rules a body sent with an unlisted method takes (app.py). The
+path rule (transform/paths.py) compares the readings of a target against patterns folded the
+same way (:meth:`Router.ambiguous`).
 """
 
 from __future__ import annotations
