@@ -260,7 +260,7 @@ Hit = tuple[CompiledRoute, dict[str, str]]
 class _Index:
     """Routes by path: literal paths in a dict, patterns as regexes in config order."""
 
-    __slots__ = ("literal", "patterns")
+    __slots__ = ("any", "literal", "patterns")
 
     def __init__(
         self, entries: Sequence[tuple[CompiledRoute, str | None, re.Pattern[str] | None]]
@@ -272,8 +272,11 @@ class _Index:
                 key = literal or ""
                 self.literal[key] = (*self.literal.get(key, ()), route)
             else:
-                patterns.append((route, pattern))
+                patterns.append((route, pattern, route.index, route.needs_request_body))
         self.patterns = tuple(patterns)
+        # Every pattern in one regex: a path no route matches (pass-through) costs one test.
+        union = "|".join(_GROUP.sub("(?:", p.pattern) for _, p, _, _ in patterns)
+        self.any = re.compile(union) if patterns else None
 
     def scan(self, method: str, path: str) -> tuple[Hit | None, Hit | None]:
         """(the first route for ``method``, the first route with request rules for any method).
@@ -281,9 +284,12 @@ class _Index:
         One pass over the patterns for both: the second is what a body on this path must be
         protected by whatever its method (see Router.lookup).
         """
+        literal = self.literal.get(path)
+        if literal is None and (self.any is None or self.any.fullmatch(path) is None):
+            return None, None
         own: Hit | None = None
         guard: Hit | None = None
-        for route in self.literal.get(path, ()):
+        for route in literal or ():
             if own is None and route.allows(method):
                 own = (route, {})
             if guard is None and route.needs_request_body:
@@ -292,12 +298,11 @@ class _Index:
                 break
         own_limit = own[0].index if own is not None else _NO_LIMIT
         guard_limit = guard[0].index if guard is not None else _NO_LIMIT
-        for route, pattern in self.patterns:
-            i = route.index
+        for route, pattern, i, protects in self.patterns:
             if i >= own_limit and i >= guard_limit:
                 break
             want_own = i < own_limit and route.allows(method)
-            want_guard = i < guard_limit and route.needs_request_body
+            want_guard = protects and i < guard_limit
             if (want_own or want_guard) and (m := pattern.fullmatch(path)) is not None:
                 hit = (route, m.groupdict())
                 if want_own:
@@ -308,6 +313,7 @@ class _Index:
 
 
 _NO_LIMIT = 1 << 62
+_GROUP = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
 
 
 class Router:
