@@ -227,3 +227,52 @@ def test_the_retry_form_lower_cases_non_ascii_too() -> None:
 
 def test_an_empty_path_is_retried_as_the_root() -> None:
     assert hit(router(route("/")), "GET", "") == (0, {})
+
+
+# -- every method on a protected path (Router.lookup's second answer) ---------------------------
+
+ENC = {"key": "k", "request": {"encrypt": ["$.ssn"]}}
+
+
+def test_lookup_names_the_route_that_protects_a_body_for_any_method() -> None:
+    r = router(
+        route("/users/me", ["GET"], key="k", response={"decrypt": ["$.ssn"]}),
+        route("/users/**", ["POST"], **ENC),
+        route("/admins/{id}", ["PUT"], **ENC),
+        route("/open/**"),
+    )
+    own, guard = r.lookup("DELETE", "/users/1")
+    assert own is None and guard is not None and guard[0].index == 1
+    own, guard = r.lookup("GET", "/users/me")  # its own route has response rules only
+    assert own is not None and own[0].index == 0 and guard is not None and guard[0].index == 1
+    own, guard = r.lookup("propfind", "/admins/7")
+    assert own is None and guard == (r.routes[2], {"id": "7"})
+    assert r.lookup("POST", "/open/x") == ((r.routes[3], {}), None)
+    assert r.lookup("POST", "/nowhere") == (None, None)
+    assert r.lookup("PATCH", "/ADMINS/7/")[1] is not None  # the retry form counts too
+
+
+def test_the_first_protecting_route_wins_across_literal_and_pattern_routes() -> None:
+    r = router(route("/a/*", ["PUT"], **ENC), route("/a/b", ["POST"], **ENC))
+    assert r.lookup("DELETE", "/a/b")[1] == (r.routes[0], {})
+    r = router(route("/a/b", ["PUT"], **ENC), route("/a/*", ["POST"], **ENC))
+    assert r.lookup("DELETE", "/a/b")[1] == (r.routes[0], {})
+    assert r.lookup("POST", "/a/b") == ((r.routes[1], {}), (r.routes[0], {}))
+
+
+def test_many_patterns_still_match_in_config_order() -> None:
+    routes = [route(f"/p{i}/{{id}}/**", ["POST"], **ENC) for i in range(40)]
+    r = router(*routes, route("/p7/x", ["POST"], **ENC))
+    assert r.lookup("POST", "/p7/x") == ((r.routes[7], {"id": "x"}), (r.routes[7], {"id": "x"}))
+    assert r.lookup("POST", "/p39/1/2")[0] == (r.routes[39], {"id": "1"})
+    assert r.lookup("POST", "/p40/1") == (None, None)
+
+
+def test_reading_folds_patterns_for_the_path_rule() -> None:
+    r = router(route("/Users/{Id}", ["POST"], **ENC))
+    assert r.reading("POST", "/users/1", folded=True) == (r.routes[0], r.routes[0])
+    assert r.reading("GET", "/users/1", folded=True) == (r.routes[0], r.routes[0])
+    assert r.reading("POST", "/other/1", folded=True) == (None, None)
+    assert not r.ambiguous("POST", "/Users/1", *r.lookup("POST", "/Users/1"))
+    assert r.ambiguous("POST", "/Users./1", *r.lookup("POST", "/Users./1"))
+    assert not router(route("/x")).has_rules

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import unquote_plus
 
 import pluggy
 from aiohttp import web
@@ -39,17 +41,27 @@ from ..events import AuditEvent, new_event
 from ..hookcall import DirectHook
 from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers
+from ..transform import paths
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .incoming import RequestView, base_request
-from .routes import CompiledRoute, Router
+from .routes import CompiledRoute, Hit, Router
 from .upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
-# Looked up on every request: istr keys skip the case folding, three tests skip a generator.
-_OVERRIDE_1, _OVERRIDE_2, _OVERRIDE_3 = map(istr, METHOD_OVERRIDES)
+# Method overrides a form or query may carry (Rails, Laravel, Symfony, express method-override):
+# refused where they would change the field rules. The header forms are stripped (forward.py).
+OVERRIDE_PARAMS = frozenset(
+    {"_method", "x-http-method-override", "x-http-method", "x-method-override"}
+)
+# A body on these has no defined meaning (RFC 9110 9.3.1/9.3.2); some servers ignore it and read
+# it as the next request. On a path whose bodies are protected, one is refused.
+BODYLESS_METHODS = frozenset({"GET", "HEAD"})
+# A JSON body that may carry an override key: "_method" in any case, or an ASCII letter
+# escaped (encoders escape only non-ASCII and controls, so "\u005f" is someone's choice).
+_JSON_OVERRIDE = re.compile(rb"[_-][mM][eE][tT][hH][oO][dD]|\\u00[4-7][0-9a-fA-F]")
+READINGS_CACHE = 4096  # (method, raw path) decisions of the path rule kept per proxy
 _REQUEST_ID = istr("X-Request-Id")
 # A client's id is kept when it is one a log line or a header can carry as it is (UUIDs, hex,
 # base64, W3C trace ids); anything else is replaced by sidecrypt's own.
@@ -107,6 +119,7 @@ class Proxy:
         self._audit = DirectHook(pm.hook.sidecrypt_audit)
         self._identify = DirectHook(pm.hook.sidecrypt_identify)
         self._authorize = DirectHook(pm.hook.sidecrypt_authorize)
+        self._readings_ok: dict[tuple[str, str], bool] = {}
 
     def gauges(self) -> dict[str, int]:
         pool = self.pool
@@ -140,14 +153,25 @@ class Proxy:
                     f"{request.method} is not proxied", status=405, code="method_not_allowed"
                 )
             forward.check_path(request)
-            match = self.router.match(request.method, request.path)
-            headers = request.headers
-            if _OVERRIDE_1 in headers or _OVERRIDE_2 in headers or _OVERRIDE_3 in headers:
-                self._check_method_override(request, match)
+            method = request.method
+            match, guard = self.router.lookup(method, request.path)
+            if self.router.has_rules:
+                raw, _, query = request.raw_path.partition("?")
+                if not paths.trivial(raw):
+                    self._check_readings(method, raw, match, guard)
+                if query and ("%" in query or "method" in query.lower()):
+                    self._check_query_override(request, query)
+                if (
+                    guard is not None
+                    and (match is None or not match[0].needs_request_body)
+                    and request.body_exists
+                ):
+                    match = self._unlisted_method(method, match, guard)
             if match is None:
                 response = await self._forward(request, None, None, None)
             else:
                 route, params = match
+                headers = request.headers
                 request[appkeys.ROUTE] = route.label
                 self._identify_caller(request)
                 if not self.audit_gate():
@@ -162,6 +186,8 @@ class Proxy:
                     body = await self._read_request_json(request, route)
                     if body is not None:
                         step = "request_transform"
+                        if _JSON_OVERRIDE.search(body) is not None:
+                            self._check_json_override(request, body)
                         body = await self._transform_request(request, route, body, context)
                 step = "upstream"
                 response = await self._forward(request, route, context, body)
@@ -187,17 +213,73 @@ class Proxy:
                     observe(request, status, seconds)
         return response
 
-    def _check_method_override(self, request: RequestView, match: Any) -> None:
-        """An upstream may honour X-HTTP-Method-Override; the route must not depend on it."""
-        for name in METHOD_OVERRIDES:
-            if name not in request.headers:
-                continue
-            other = self.router.match(request.headers[name], request.path)
-            if (other and other[0]) is not (match and match[0]):
-                raise RequestError(
-                    f"{name} would select different field rules than the request method",
-                    code="method_override",
-                )
+    def _check_readings(self, method: str, raw: str, match: Hit | None, guard: Hit | None) -> None:
+        """Refuse a target that some router would read as other field rules (transform/paths.py).
+
+        Decisions are cached per method and raw path: a client repeating a target pays once.
+        """
+        key = (method, raw)
+        ok = self._readings_ok.get(key)
+        if ok is None:
+            ok = not self.router.ambiguous(method, raw, match, guard)
+            if len(self._readings_ok) >= READINGS_CACHE:
+                self._readings_ok.clear()
+            self._readings_ok[key] = ok
+        if not ok:
+            raise RequestError(
+                "the request target reads as a path with other field rules once normalized "
+                "(encoding, case, Unicode, dots or spaces): send the path as routed",
+                code="ambiguous_path",
+            )
+
+    def _unlisted_method(self, method: str, match: Hit | None, guard: Hit) -> Hit:
+        """A body on a path whose bodies are protected, sent with a method no route for it
+        protects: the protecting route's rules apply, or the request is refused."""
+        if method.upper() in BODYLESS_METHODS:
+            raise RequestError(
+                f"{method} with a body is not accepted on a path whose request bodies are "
+                "protected",
+                code="body_not_allowed",
+            )
+        if match is not None:
+            raise RequestError(
+                f"route {match[0].label!r} takes {method} on this path without the request "
+                f"rules of route {guard[0].label!r}: list the method there, or add rules",
+                status=405,
+                code="method_not_protected",
+            )
+        return guard
+
+    def _check_query_override(self, request: RequestView, query: str) -> None:
+        for value in override_values(query):
+            self.check_method_override(request, value)
+
+    def _check_json_override(self, request: RequestView, body: bytes) -> None:
+        """Laravel reads ``_method`` from a JSON body too (its input bag merges JSON)."""
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return  # the transform refuses it (400) with the reason
+        if isinstance(doc, dict):
+            for name, value in doc.items():
+                if name.strip().lower() in OVERRIDE_PARAMS and isinstance(value, str):
+                    self.check_method_override(request, value)
+
+    def check_method_override(self, request: RequestView, value: str) -> None:
+        """Refuse a method override (a ``_method`` query or form field) that would make the app
+        apply other field rules than sidecrypt's reading of the real method does.
+
+        Override headers never reach the app (forward.STRIPPED_REQUEST_HEADERS); a field
+        cannot be dropped without rewriting the target or body, so it is checked here.
+        """
+        path = request.path
+        theirs = self.router.reading(value.strip(), path)
+        ours = self.router.reading(request.method, path)
+        if any(a is not b for a, b in zip(theirs, ours, strict=True)):
+            raise RequestError(
+                "a _method override would select other field rules than the request method",
+                code="method_override",
+            )
 
     def _log_failure(
         self, request: RequestView, route: CompiledRoute | None, step: str, exc: SidecryptError
@@ -482,6 +564,26 @@ class Proxy:
             purpose_of(request, self.settings),
             authorize=self._authorize,
         )
+
+
+def override_values(query: str) -> list[str]:
+    """The values of method-override fields in a query (or urlencoded form) string.
+
+    Names are read as loosely as any framework might: split on ``&`` and ``;``, decoded up to
+    three times, trimmed, case-folded, and ``_method[]``-style suffixes dropped.
+    """
+    out = []
+    for piece in re.split("[&;]", query):
+        name, _, value = piece.partition("=")
+        for _ in range(3):
+            decoded = unquote_plus(name)
+            if decoded == name:
+                break
+            name = decoded
+        name = name.strip().lower().partition("[")[0]
+        if name in OVERRIDE_PARAMS:
+            out.append(unquote_plus(value))
+    return out
 
 
 def _upstream_body_error(exc: RequestError) -> SidecryptError:

@@ -34,6 +34,36 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Headers a framework or gateway may take as the request's real method or path, so the app would
+# route it where sidecrypt did not look. Never forwarded, on any path. (X-Forwarded-* are all
+# dropped below and only -For, -Proto and -Host set again: -Prefix, -Path, -Uri never pass.)
+STRIPPED_REQUEST_HEADERS = frozenset(
+    {
+        # Method overrides: ASP.NET Web API, Spring's HiddenHttpMethodFilter kin, express
+        # method-override, Symfony (X-HTTP-Method-Override), OData/SharePoint (X-HTTP-Method).
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        # Rewrites: IIS URL Rewrite and Symfony/Zend/Laminas (X-Original-URL, X-Rewrite-URL),
+        # nginx auth_request conventions (X-Original-URI), Envoy (X-Envoy-Original-Path, -URL),
+        # others' spellings of the same idea.
+        "x-original-url",
+        "x-original-uri",
+        "x-original-path",
+        "x-original-prefix",
+        "x-rewrite-url",
+        "x-envoy-original-path",
+        "x-envoy-original-url",
+        # Prefixes and script names: Werkzeug ProxyFix, Spring ForwardedHeaderFilter and
+        # ASP.NET Core (X-Forwarded-Prefix, dropped with all X-Forwarded-*), WSGI recipes.
+        "x-forwarded-prefix",
+        "x-forwarded-path",
+        "x-forwarded-uri",
+        "x-script-name",
+    }
+)
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     values = headers.getall(hdrs.CONNECTION, ())
     if not values:
@@ -51,7 +81,7 @@ def _tokens(value: str) -> frozenset[str]:
 @functools.lru_cache(maxsize=64)
 def _skipped(drop: frozenset[str], keep_length: bool, identity_encoding: bool) -> frozenset[str]:
     """Lower-case names never copied upstream, worked out once per proxy and body treatment."""
-    skip = set(HOP_BY_HOP) | {"host", "x-request-id"} | drop
+    skip = set(HOP_BY_HOP) | {"host", "x-request-id"} | drop | STRIPPED_REQUEST_HEADERS
     if not keep_length:  # the body is replaced: its length and coding are the pool's to set
         skip |= {"content-length", "content-encoding"}
     if identity_encoding:  # replaced by "identity" below

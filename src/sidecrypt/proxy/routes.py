@@ -7,6 +7,11 @@ The first route (in config order) whose methods and pattern match wins. Literal 
 found with one dict lookup; only pattern routes listed before that hit are tried as regexes.
 Match against the *decoded* path (aiohttp's ``request.path``), the one the upstream app routes
 on, so percent-encoding cannot slip a request past its rule.
+
+A path protects every method: :meth:`Router.lookup` also gives the first route with request
+rules whatever its methods, whose rules a body sent with an unlisted method takes (app.py). The
+path rule (transform/paths.py) compares the readings of a target against patterns folded the
+same way (:meth:`Router.ambiguous`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from .. import config, keys
 from ..errors import ConfigError, RequestError
 from ..selectors import Selector, compile_selector, label
+from ..transform import paths
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SOURCES = ("header:", "path:", "query:")
@@ -248,6 +254,68 @@ def adhoc_route(
     )
 
 
+Hit = tuple[CompiledRoute, dict[str, str]]
+
+
+class _Index:
+    """Routes by path: literal paths in a dict, patterns as regexes in config order."""
+
+    __slots__ = ("any", "literal", "patterns")
+
+    def __init__(
+        self, entries: Sequence[tuple[CompiledRoute, str | None, re.Pattern[str] | None]]
+    ) -> None:
+        self.literal: dict[str, tuple[CompiledRoute, ...]] = {}
+        patterns = []
+        for route, literal, pattern in entries:
+            if pattern is None:
+                key = literal or ""
+                self.literal[key] = (*self.literal.get(key, ()), route)
+            else:
+                patterns.append((route, pattern, route.index, route.needs_request_body))
+        self.patterns = tuple(patterns)
+        # Every pattern in one regex: a path no route matches (pass-through) costs one test.
+        union = "|".join(_GROUP.sub("(?:", p.pattern) for _, p, _, _ in patterns)
+        self.any = re.compile(union) if patterns else None
+
+    def scan(self, method: str, path: str) -> tuple[Hit | None, Hit | None]:
+        """(the first route for ``method``, the first route with request rules for any method).
+
+        One pass over the patterns for both: the second is what a body on this path must be
+        protected by whatever its method (see Router.lookup).
+        """
+        literal = self.literal.get(path)
+        if literal is None and (self.any is None or self.any.fullmatch(path) is None):
+            return None, None
+        own: Hit | None = None
+        guard: Hit | None = None
+        for route in literal or ():
+            if own is None and route.allows(method):
+                own = (route, {})
+            if guard is None and route.needs_request_body:
+                guard = (route, {})
+            if own is not None and guard is not None:
+                break
+        own_limit = own[0].index if own is not None else _NO_LIMIT
+        guard_limit = guard[0].index if guard is not None else _NO_LIMIT
+        for route, pattern, i, protects in self.patterns:
+            if i >= own_limit and i >= guard_limit:
+                break
+            want_own = i < own_limit and route.allows(method)
+            want_guard = protects and i < guard_limit
+            if (want_own or want_guard) and (m := pattern.fullmatch(path)) is not None:
+                hit = (route, m.groupdict())
+                if want_own:
+                    own, own_limit = hit, i
+                if want_guard:
+                    guard, guard_limit = hit, i
+        return own, guard
+
+
+_NO_LIMIT = 1 << 62
+_GROUP = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
+
+
 class Router:
     """First match wins; literal paths by dict lookup, patterns by regex in config order."""
 
@@ -255,45 +323,82 @@ class Router:
         self.routes = tuple(
             compile_route(i, r, default_max_body=default_max_body) for i, r in enumerate(routes)
         )
-        self._literal: dict[str, tuple[CompiledRoute, ...]] = {}
-        for route in self.routes:
-            if route.literal is not None:
-                self._literal[route.literal] = (*self._literal.get(route.literal, ()), route)
-        self._patterns = tuple(r for r in self.routes if r.pattern is not None)
+        self._exact = _Index([(r, r.literal, r.pattern) for r in self.routes])
+        folded = []
+        for raw, route in zip(routes, self.routes, strict=True):
+            pattern, _ = _compile_pattern(paths.fold_pattern(raw.match.path))
+            folded.append((route, paths.fold_pattern(raw.match.path), pattern))
+        self._folded = _Index(folded)
+        ruled = [r for r in self.routes if r.needs_request_body or r.needs_response_body]
+        # True when some route has field rules: only then do paths need the reading rule.
+        self.has_rules = bool(ruled)
+        self._firsts = paths.first_segments(
+            [raw.match.path for raw, r in zip(routes, self.routes, strict=True) if r in ruled]
+        )
 
-    def match(self, method: str, path: str) -> tuple[CompiledRoute, dict[str, str]] | None:
-        """The first route for ``method`` and ``path``.
+    def match(self, method: str, path: str) -> Hit | None:
+        """The first route for ``method`` and ``path`` (see :meth:`lookup`)."""
+        return self.lookup(method, path)[0]
+
+    def lookup(self, method: str, path: str) -> tuple[Hit | None, Hit | None]:
+        """(the first route for ``method``, the first route with request rules for any method).
 
         A path no route matches is tried once more in the form many upstreams route it as:
         without matrix parameters (``/a;jsessionid=x/b``, Tomcat/Spring), without a trailing
         slash (Spring < 6, Django, Flask) and in lower case (ASP.NET, IIS). Matching more only
         ever encrypts more.
         """
-        hit = self._match(method, path)
+        method = method.upper()
+        own, guard = self._exact.scan(method, path)
         # The retry form differs from the path only through ";", a trailing "/", upper case or
         # an empty path ("/").
-        if hit is None and (not path or ";" in path or path.endswith("/") or path != path.lower()):
+        if (
+            own is None
+            and guard is None
+            and (not path or ";" in path or path.endswith("/") or path != path.lower())
+        ):
             # Case too: ASP.NET, IIS and many others route /USERS/1 as /users/1.
             alt = "/".join(seg.partition(";")[0] for seg in path.split("/")).rstrip("/") or "/"
             alt = alt.lower()
             if alt != path:
-                return self._match(method, alt)
-        return hit
+                return self._exact.scan(method, alt)
+        return own, guard
 
-    def _match(self, method: str, path: str) -> tuple[CompiledRoute, dict[str, str]] | None:
-        method = method.upper()
-        hit: CompiledRoute | None = None
-        for route in self._literal.get(path, ()):
-            if route.allows(method):
-                hit = route
-                break
-        limit = hit.index if hit is not None else len(self.routes)
-        for route in self._patterns:
-            if route.index >= limit:
-                break
-            if route.allows(method):
-                assert route.pattern is not None
-                m = route.pattern.fullmatch(path)
-                if m is not None:
-                    return route, m.groupdict()
-        return (hit, {}) if hit is not None else None
+    def reading(self, method: str, path: str, *, folded: bool = False) -> paths.Reading:
+        """The routes whose rules would apply to ``method`` on ``path``: (the method's own
+        route if it has field rules, the route whose request rules protect a body).
+
+        ``folded``: ``path`` is a folded form (transform/paths.py), matched against the folded
+        patterns.
+        """
+        if folded:
+            if self._firsts is not None and path.split("/", 2)[1] not in self._firsts:
+                return _NO_READING
+            own, guard = self._folded.scan(method.upper(), path)
+        else:
+            own, guard = self.lookup(method, path)
+        return reading_of(own, guard)
+
+    def ambiguous(self, method: str, raw: str, match: Hit | None, guard: Hit | None) -> bool:
+        """The path rule (transform/paths.py) for a raw path whose own lookup gave ``match``
+        and ``guard``: True when some reading of it selects other field rules."""
+        return paths.conflict(
+            paths.readings(raw),
+            reading_of(match, guard),
+            lambda form: self.reading(method, form, folded=True),
+        )
+
+
+_NO_READING: paths.Reading = (None, None)
+
+
+def reading_of(own: Hit | None, guard: Hit | None) -> paths.Reading:
+    """(the route whose rules apply to the request, the route whose request rules protect a
+    body): a method no route lists takes the protecting route's rules (app.py)."""
+    mine = own[0] if own is not None else None
+    if mine is not None and not (mine.needs_request_body or mine.needs_response_body):
+        mine = None
+    if mine is not None and mine.needs_request_body:
+        return (mine, mine)
+    body = guard[0] if guard is not None else None
+    return (mine if own is not None else body, body)

@@ -1,0 +1,229 @@
+"""The path rule: every plausible reading of a request target, and when readings disagree.
+
+sidecrypt routes on its own reading of a target: percent-decoded once, matched exactly, then
+retried without matrix parameters, trailing slash and in lower case. The app behind it may read
+the same bytes another way: decode twice, decode IIS ``%uXXXX`` or overlong UTF-8, decode bytes
+as Latin-1, drop control characters or cut at a NUL, trim whitespace or Windows' trailing dots
+and spaces from segments, fold look-alikes (NFKC), ignore zero-width and other
+default-ignorable code points, compare case-insensitively, turn ``\\`` into ``/``, collapse
+slashes and resolve dot segments.
+
+The rule, stated once: the *readings* of a target are the closure of its path under those
+normalizations (:func:`readings`, bounded by :data:`LIMIT`). A target is ambiguous when any
+reading selects field rules that sidecrypt's own reading does not select, or selects others
+(:func:`conflict`). The proxy refuses such a target (400 ``ambiguous_path``); a target with more
+readings than the bound is refused too. :func:`trivial` paths have one reading and skip it all.
+
+Readings are compared case-folded, against route patterns folded the same way
+(:func:`fold_pattern`). No HTTP and no I/O here: the router supplies the matching.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Collection, Iterable, Sequence
+from urllib.parse import unquote
+
+LIMIT = 256  # distinct decoded forms of one target; more is refused, never half checked
+
+# A path needs the rule unless it is lower-case unreserved ASCII and "/" only, with no segment
+# that ends in "." and no trailing "/": no normalization changes such a path.
+_NOT_TRIVIAL = re.compile(r"[^a-z0-9._~/-]")
+_PLAIN = re.compile(r"[A-Za-z0-9._~/-]*")
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_PCT_HIGH = re.compile(r"%[89A-Fa-f][0-9A-Fa-f]")
+_PCT_U = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
+# Overlong UTF-8 (%C0%AF is "/" to old IIS and some Java decoders): 2- and 3-byte forms.
+_OVERLONG2 = re.compile(r"%([cC][01])%([89abAB][0-9A-Fa-f])")
+_OVERLONG3 = re.compile(r"%[eE]0%([89][0-9A-Fa-f])%([89abAB][0-9A-Fa-f])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+# Default-ignorable code points (Unicode DerivedCoreProperties), which renderers and some
+# normalizers drop: soft hyphen, zero-width characters, bidi controls, variation selectors, ...
+_IGNORABLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+
+Reading = tuple[object | None, ...]
+
+
+def trivial(path: str) -> bool:
+    """True for a path every normalization leaves as it is: the hot path's only test."""
+    return (
+        _NOT_TRIVIAL.search(path) is None
+        and "./" not in path
+        and (path[-1:] not in ("/", ".") or path == "/")
+    )
+
+
+def plain(path: str) -> bool:
+    """Unreserved ASCII and "/" only: its readings differ by case and trailing dots at most."""
+    return _PLAIN.fullmatch(path) is not None
+
+
+def fold(text: str) -> str:
+    """How pattern literals are compared: NFKC, then lower case."""
+    return unicodedata.normalize("NFKC", text).lower()
+
+
+def fold_pattern(pattern: str) -> str:
+    """A route pattern with its literal segments folded (wildcards and ``{names}`` kept)."""
+    return "/".join(seg if ("*" in seg or "{" in seg) else fold(seg) for seg in pattern.split("/"))
+
+
+# -- the text normalizations (closed over by readings) -------------------------------------------
+
+
+def _overlong2(m: re.Match[str]) -> str:
+    return f"%{((int(m[1], 16) & 0x1F) << 6) | (int(m[2], 16) & 0x3F):02X}"
+
+
+def _overlong3(m: re.Match[str]) -> str:
+    return f"%{((int(m[1], 16) & 0x3F) << 6) | (int(m[2], 16) & 0x3F):02X}"
+
+
+def _decodings(s: str) -> Iterable[str]:
+    """Percent-decoding as UTF-8, as Latin-1, of overlong UTF-8, and IIS's %uXXXX."""
+    if "%" not in s:
+        return ()
+    out = []
+    if _PCT.search(s):
+        out.append(unquote(s, errors="replace"))
+        if _PCT_HIGH.search(s):
+            out.append(_PCT.sub(lambda m: chr(int(m[1], 16)), s))  # Latin-1 (Tomcat < 8, ...)
+            fixed = _OVERLONG2.sub(_overlong2, _OVERLONG3.sub(_overlong3, s))
+            if fixed != s:
+                out.append(unquote(fixed, errors="replace"))
+    if _PCT_U.search(s):
+        wide = _PCT_U.sub(lambda m: chr(int(m[1], 16)), s)
+        out.append(wide)
+        out.append(unquote(wide, errors="replace"))  # IIS decodes both kinds in one pass
+    return out
+
+
+def _unicode(s: str) -> Iterable[str]:
+    """NFKC (fullwidth and other look-alikes), with and without default-ignorables."""
+    if s.isascii():
+        return ()
+    dropped = _IGNORABLE.sub("", s)
+    return (dropped, unicodedata.normalize("NFKC", dropped), unicodedata.normalize("NFKC", s))
+
+
+def _spacing(s: str) -> Iterable[str]:
+    """Controls dropped (WHATWG drops tab and newlines), cut at NUL (C servers), segments
+    trimmed, all whitespace dropped."""
+    if _SPACE_OR_CONTROL.search(s) is None:
+        return ()
+    return (
+        _CONTROL.sub("", s),
+        s.partition("\x00")[0] or "/",
+        "/".join(seg.strip() for seg in s.split("/")),
+        _SPACE_OR_CONTROL.sub("", s),
+    )
+
+
+_TEXT: tuple[Callable[[str], Iterable[str]], ...] = (_decodings, _unicode, _spacing)
+
+
+# -- the shape normalizations (applied to every text form) ---------------------------------------
+
+
+def _resolve(segments: Iterable[str]) -> list[str]:
+    """RFC 3986 remove_dot_segments on a segment list ("/.." at the root stays at the root)."""
+    out: list[str] = []
+    for seg in segments:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    return out
+
+
+def _shapes(s: str) -> set[str]:
+    """``s`` as routers shape it: backslashes, matrix parameters, trailing dots and spaces
+    (Windows), then empty segments collapsed before or after dot segments are resolved.
+
+    Each step runs only when its character is there: a plain path costs one split.
+    """
+    out = {s}
+    segs = (s.replace("\\", "/") if "\\" in s else s).split("/")[1:]
+    lists = [segs]
+    if ";" in s:
+        segs = [seg.partition(";")[0] for seg in segs]
+        lists.append(segs)
+    if "." in s or " " in s:
+        lists.append([seg if seg in (".", "..") else seg.rstrip(". ") for seg in segs])
+    for segments in lists:
+        out.add("/" + "/".join(_resolve(x for x in segments if x)))
+        if "." in s:  # dot segments: resolved before empty segments go, too
+            out.add("/" + "/".join(x for x in _resolve(segments) if x))
+    return out
+
+
+def _cases(s: str) -> set[str]:
+    """Case-insensitive comparisons: lower, full case folding, and .NET/Java's upper-first
+    (dotless i and long s compare equal to ``i`` and ``s``)."""
+    return {s.lower(), s.casefold(), s.upper().lower()}
+
+
+def readings(path: str, *, limit: int = LIMIT) -> frozenset[str] | None:
+    """Every folded form under which an app may route ``path`` (the raw, percent-encoded path
+    of a target, without its query); None when the text forms are more than ``limit``."""
+    states = {path}
+    if not plain(path):
+        todo = [path]
+        while todo:
+            state = todo.pop()
+            for normalize in _TEXT:
+                for form in normalize(state):
+                    if form not in states:
+                        if len(states) >= limit:
+                            return None
+                        states.add(form)
+                        todo.append(form)
+    forms: set[str] = set()
+    for state in states:
+        if not state.startswith("/"):
+            state = "/" + state
+        for shaped in _shapes(state):
+            forms |= _cases(shaped)
+    return frozenset(forms)
+
+
+def conflict(
+    forms: Collection[str] | None,
+    own: Reading,
+    read: Callable[[str], Reading],
+) -> bool:
+    """True when some form reads differently from sidecrypt's own reading ``own``.
+
+    A reading names, position by position, the routes whose rules apply (None: no rules).
+    A form conflicts when any position names a route that ``own`` does not name there. None
+    for ``forms`` (past the bound) is a conflict: never half checked.
+    """
+    if forms is None:
+        return True
+    for form in forms:
+        for theirs, ours in zip(read(form), own, strict=True):
+            if theirs is not None and theirs is not ours:
+                return True
+    return False
+
+
+def first_segments(patterns: Sequence[str]) -> frozenset[str] | None:
+    """The folded first literal segments of ``patterns``; None when one starts with a wildcard.
+
+    A cheap necessary condition the router may use: a form whose first segment is none of
+    these cannot match.
+    """
+    out = set()
+    for pattern in patterns:
+        seg = pattern.split("/")[1] if pattern.count("/") else ""
+        if "*" in seg or "{" in seg:
+            return None
+        out.add(fold(seg))
+    return frozenset(out)
