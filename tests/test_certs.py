@@ -65,8 +65,6 @@ def test_server_certificate_passes_a_strict_rfc5280_verifier(tmp_path: Path) -> 
     leaf = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
     for name in (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))):
         verifier = (
-            verification.PolicyBuilder()
-            .store(verification.Store([ca]))
-            .build_server_verifier(name)
+            verification.PolicyBuilder().store(verification.Store([ca])).build_server_verifier(name)
         )
         verifier.verify(leaf, [])

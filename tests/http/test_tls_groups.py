@@ -40,7 +40,7 @@ async def _handshake(port: int, ctx: ssl.SSLContext) -> None:
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-async def test_listener_refuses_p521_and_serves_the_profile_groups(
+async def test_listener_serves_the_profile_groups_and_refuses_p521(
     certs: Any, upstream: Any, proxy_factory: Any, version: ssl.TLSVersion
 ) -> None:
     proxy = await proxy_factory({"upstream": {"url": upstream.url}})
@@ -54,10 +54,13 @@ async def test_listener_refuses_p521_and_serves_the_profile_groups(
     x25519 = certs.client_context()  # default client: X25519 first
     x25519.maximum_version = version
     await _handshake(port, x25519)
-    ctx = _client(certs, "secp521r1")
-    ctx.maximum_version = version
-    with pytest.raises((ssl.SSLError, ConnectionError)):
-        await _handshake(port, ctx)
+    if version == ssl.TLSVersion.TLSv1_3:
+        # (under TLS 1.2 a P-521-only client fails on the P-256 certificate, or falls back to
+        # DHE with an RSA one, whatever the groups: sslyze's scan below covers TLS 1.2's groups)
+        ctx = _client(certs, "secp521r1")
+        ctx.maximum_version = version
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await _handshake(port, ctx)
 
 
 def test_upstream_context_is_restricted_too() -> None:
