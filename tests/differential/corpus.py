@@ -52,6 +52,15 @@ def multipart(fields: dict[str, str], boundary: str = "corpusBOUNDARY") -> tuple
     ).encode(), f"multipart/form-data; boundary={boundary}"
 
 
+_B = "corpusBOUNDARY"
+# A multipart part that is itself JSON (Spring's @RequestPart, ASP.NET's [FromForm] JSON).
+_MP_JSON = (
+    f'--{_B}\r\nContent-Disposition: form-data; name="user"\r\n'
+    f"Content-Type: application/json\r\n\r\n"
+    + json.dumps({"ssn": SSN, "card": {"number": CARD}})
+    + f"\r\n--{_B}--\r\n"
+).encode()
+_MP_JSON_TYPE = f"multipart/form-data; boundary={_B}"
 SSN_DOC = j({"name": "alice", "ssn": SSN})
 FULL_DOC = j(
     {"name": "alice", "ssn": SSN, "card": {"number": CARD}, "contacts": [{"phone": PHONE}]}
@@ -61,7 +70,8 @@ _MP_BRACKETS, _MP_BRACKETS_TYPE = multipart({"card[number]": CARD, "contacts[0][
 
 
 def _methods() -> list[Row]:
-    rows = [
+    rows = [Row("method DELETE chunked", 1, SSN_DOC, method="DELETE", chunked=True)]
+    rows += [
         Row(f"method {m}", 1, SSN_DOC, method=m)
         for m in (
             "PATCH",
@@ -139,6 +149,9 @@ def _paths() -> list[Row]:
         "zero-width joiner": "/us%E2%80%8Ders/1",
         "BOM": "/%EF%BB%BFusers/1",
         "IIS %u": "/%u0075sers/1",
+        "IIS %u upper": "/%U0055SERS/1",
+        "encoded upper letter": "/%55SERS/1",
+        "encoded semicolon": "/users%3Bx/1",
         "overlong slash": "/users%c0%af1",
         "upper case": "/USERS/1",
         "mixed case": "/Users/1",
@@ -197,6 +210,7 @@ def _keys() -> list[Row]:
         Row("key contacts PHONE", 3, j({"contacts": [{"PHONE": PHONE}]})),
         Row("key CONTACTS phone", 3, j({"CONTACTS": [{"phone": PHONE}]})),
         Row("key escaped long s", 3, b'{"\\u017fsn": "' + SSN.encode() + b'"}'),
+        Row("key escaped upper", 3, b'{"\\u0053SN": "' + SSN.encode() + b'"}'),
         Row("key long s in contacts", 3, j({"contact\u017f": [{"phone": PHONE}]})),
     ]
     return rows
@@ -225,6 +239,11 @@ def _duplicates() -> list[Row]:
             4,
             b'{"contacts": [{"phone": "' + PHONE.encode() + b'"}], "contacts": []}',
         ),
+        Row(
+            "dup escaped at depth",
+            4,
+            b'{"card": {"number": "' + CARD.encode() + b'", "n\\u0075mber": "1"}}',
+        ),
         Row("dup deep", 4, b'{"a": {"b": {"ssn": "' + s + b'", "ssn": "x"}}}'),
     ]
 
@@ -232,6 +251,7 @@ def _duplicates() -> list[Row]:
 def _shapes() -> list[Row]:
     return [
         Row("shape contacts object", 5, j({"contacts": {"phone": PHONE}})),
+        Row("shape contacts numeric keys", 5, j({"contacts": {"0": {"phone": PHONE}}})),
         Row("shape contacts map of objects", 5, j({"contacts": {"home": {"phone": PHONE}}})),
         Row("shape contacts nested arrays", 5, j({"contacts": [[{"phone": PHONE}]]})),
         Row("shape card array", 5, j({"card": [{"number": CARD}]})),
@@ -277,6 +297,7 @@ def _encodings() -> list[Row]:
             headers=(("Content-Type", "application/x-www-form-urlencoded; charset=utf-8"),),
         ),
         Row("multipart ssn", 6, _MP, headers=(("Content-Type", _MP_TYPE),)),
+        Row("multipart json part", 6, _MP_JSON, headers=(("Content-Type", _MP_JSON_TYPE),)),
         Row("multipart brackets", 6, _MP_BRACKETS, headers=(("Content-Type", _MP_BRACKETS_TYPE),)),
         Row("json as text/plain", 6, FULL_DOC, headers=(("Content-Type", "text/plain"),)),
         Row("json without content type", 6, FULL_DOC, headers=()),

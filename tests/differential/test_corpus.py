@@ -149,7 +149,8 @@ async def test_no_canary_reaches_any_upstream(
                     continue
                 where = leaks(got)
                 if where:
-                    problems.append(f"canary in {', '.join(where[:3])} (app route {got.route})")
+                    stored = "STORED by the app, " if "stored" in where else ""
+                    problems.append(f"canary {stored}in {', '.join(where[:2])} ({got.route})")
             if problems:
                 failures.append(f"[class {row.cls}] {row.name}: {status}; {'; '.join(problems)}")
     assert not failures, f"{len(failures)}/{len(ROWS)} rows leak to {kind}:\n" + "\n".join(failures)
