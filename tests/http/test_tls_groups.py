@@ -198,3 +198,10 @@ async def test_sslyze_finds_the_listener_mozilla_intermediate_compliant(
     assert curves == {"X25519", "secp256r1", "secp384r1"}
     for old in ("ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1"):
         assert not result[f"{old}_cipher_suites"]["result"]["accepted_cipher_suites"]
+
+
+def test_no_pointer_is_read_on_a_python_of_unknown_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssl.SSLContext, "set_groups", None, raising=False)
+    monkeypatch.setattr(sys, "implementation", type("Impl", (), {"name": "pypy"})())
+    with pytest.raises(tls_groups.TLSGroupsError, match="this Python"):
+        tls_groups._set_groups(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))

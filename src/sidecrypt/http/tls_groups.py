@@ -19,6 +19,7 @@ import ctypes
 import datetime
 import functools
 import ssl
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,13 @@ def _libssl() -> Any:
 
 
 def _ssl_ctx_pointer(ctx: ssl.SSLContext, lib: Any) -> int:
-    """``PySSLContext.ctx``, the first field after the object header, checked before use."""
+    """``PySSLContext.ctx``, the first field after the object header, checked before use.
+
+    That layout holds for CPython 3.x up to 3.14 (3.15 has ``set_groups``); anything else is
+    refused before a pointer is read.
+    """
+    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] < (3, 15):
+        raise TLSGroupsError("cannot restrict the TLS groups on this Python (needs set_groups)")
     if type(ctx).__basicsize__ < object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p):
         raise TLSGroupsError("unexpected ssl.SSLContext layout")
     ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
