@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import ssl
 import stat
 from pathlib import Path
@@ -53,3 +54,17 @@ async def test_server_and_client_certificates_complete_an_mtls_handshake(tmp_pat
     srv.close()
     await srv.wait_closed()
     assert seen == [((("commonName", "alice"),),)] * 2
+
+
+def test_server_certificate_passes_a_strict_rfc5280_verifier(tmp_path: Path) -> None:
+    """cryptography's verifier (sslyze's too) rejects what OpenSSL lets by, e.g. a critical SAN."""
+    from cryptography.x509 import verification
+
+    paths = write_dev_certs(tmp_path)
+    ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
+    leaf = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
+    for name in (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))):
+        verifier = (
+            verification.PolicyBuilder().store(verification.Store([ca])).build_server_verifier(name)
+        )
+        verifier.verify(leaf, [])

@@ -1,5 +1,7 @@
 """TLS contexts: the listener (TLS 1.2+, Mozilla intermediate, optional mTLS) and the upstream.
 
+Both offer only the X25519, P-256 and P-384 key-exchange groups (``http/tls_groups.py``).
+
 Certificates are loaded at start-up, so a missing or broken file fails there with the setting's
 dotted path, not at the first handshake. ``reload_server_context`` re-reads them in place on
 SIGHUP: new handshakes get the new certificate, open connections carry on.
@@ -15,6 +17,7 @@ from yarl import URL
 
 from ..config import ListenTLS, Upstream
 from ..errors import ConfigError
+from ..http.tls_groups import restrict_groups
 from ..identity import PeerCertificate
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ def server_context(tls: ListenTLS, *, source: str | None = None) -> ssl.SSLConte
         ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     )
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    restrict_groups(ctx)  # X25519, P-256, P-384: no X448 / P-521 (Mozilla intermediate)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
     if tls.client_ca is not None:
@@ -96,6 +100,7 @@ def upstream_context(upstream: Upstream, *, source: str | None = None) -> ssl.SS
         _readable(upstream.ca, "upstream.ca", source)
     ctx = ssl.create_default_context(cafile=str(upstream.ca) if upstream.ca else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    restrict_groups(ctx)
     if upstream.client_cert is not None:
         _readable(upstream.client_cert, "upstream.client_cert", source)
         key = upstream.client_key or upstream.client_cert
