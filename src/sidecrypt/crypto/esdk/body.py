@@ -54,7 +54,9 @@ def _open(aead: AESGCM, iv: bytes, sealed: bytes, aad: bytes) -> bytes:
         raise fail() from None
 
 
-def decrypt_body(aead: AESGCM, header: Header, data: bytes, max_plaintext: int) -> tuple[bytes, int]:
+def decrypt_body(
+    aead: AESGCM, header: Header, data: bytes, max_plaintext: int
+) -> tuple[bytes, int]:
     """(plaintext, offset after the body). Sizes are checked against the data before use."""
     pos = header.end
     mid = header.message_id

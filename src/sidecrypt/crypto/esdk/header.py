@@ -170,9 +170,8 @@ def parse_header(data: bytes, *, max_edks: int) -> Header:
         EncryptedDataKey(r.take(r.u16()), r.take(r.u16()), r.take(r.u16())) for _ in range(count)
     )
     content_type = r.u8()
-    if version == 1:
-        if r.take(4) != b"\x00\x00\x00\x00" or r.u8() != IV_BYTES:
-            raise fail()
+    if version == 1 and (r.take(4) != b"\x00\x00\x00\x00" or r.u8() != IV_BYTES):
+        raise fail()  # v1: reserved bytes are zero, the IV length is 12
     frame_length = r.u32()
     if content_type == FRAMED:
         if not 0 < frame_length <= MAX_FRAME_LENGTH:

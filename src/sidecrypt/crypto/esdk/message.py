@@ -78,8 +78,10 @@ def encrypt_message(
         suite, mid, context_bytes, materials.edks, materials.edk_count, frame_length, commitment
     )
     aead = AESGCM(key)
-    out = header + aead.encrypt(_ZERO_IV, b"", header) + encrypt_framed(
-        aead, mid, plaintext, frame_length
+    out = (
+        header
+        + aead.encrypt(_ZERO_IV, b"", header)
+        + encrypt_framed(aead, mid, plaintext, frame_length)
     )
     if materials.signing_key is not None:
         out += sign.sign(materials.signing_key, suite, out)

@@ -1,0 +1,316 @@
+"""Field values as ESDK messages, through the configured key providers.
+
+Like the ``sc1`` path, one data key serves many fields within the data key limits (the ESDK's
+caching CMM does the same); each message still gets a fresh 32-byte message id, so every
+message has its own content key and commitment. A local key wraps in the raw AES keyring
+layout, a KMS key is an ``aws-kms`` EDK (provider info = key ARN, ciphertext = KMS
+CiphertextBlob, generated and decrypted with the message's full encryption context).
+Unwrapped data keys are cached by (key, EDK, context) with the decrypt TTL. Every failure to
+read a message is one :class:`EsdkError`; a provider outage stays a KeyProviderError (503).
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ... import keys
+from ...errors import CryptoError, SidecryptError
+from ...events import AuditEvent
+from . import sign
+from .detect import decode
+from .errors import EsdkError, fail
+from .header import EncryptedDataKey, Header, serialise_context
+from .message import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_EDKS,
+    Materials,
+    encrypt_message,
+    open_message,
+    parse_message,
+    reconcile_context,
+)
+from .options import EsdkOptions
+from .raw_aes import RawAesKeyring
+from .suites import SUITE_NAMES, Suite
+
+FIELD_NAME = "sidecrypt-field"  # the context pair that binds a message to its field path
+KMS_PROVIDER_ID = b"aws-kms"
+_RESERVED = (sign.PUBLIC_KEY_NAME, FIELD_NAME)
+
+
+@runtime_checkable
+class RawAesSource(Protocol):
+    """A provider holding AES-256 material (the local keyring)."""
+
+    key_name: str
+
+    async def esdk_wrapping_keys(self, *, all_versions: bool) -> list[AESGCM]: ...
+
+
+@runtime_checkable
+class KmsSource(Protocol):
+    """A provider backed by a symmetric KMS key."""
+
+    async def esdk_key_arn(self) -> str: ...
+
+
+class _Entry:
+    __slots__ = ("bytes", "context_bytes", "expires", "materials", "uses")
+
+    def __init__(self, materials: Materials, expires: float) -> None:
+        self.materials = materials
+        self.context_bytes = materials.context_bytes
+        self.expires = expires
+        self.uses = 0
+        self.bytes = 0
+
+
+def key_options(provider: keys.KeyProvider) -> tuple[str, EsdkOptions]:
+    """(format, ESDK options) of a configured key."""
+    opts = getattr(provider, "options", None)
+    if isinstance(opts, keys.ProviderOptions):
+        return opts.format, opts.esdk
+    return "sc1", EsdkOptions()
+
+
+def encode(message: bytes) -> str:
+    return binascii.b2a_base64(message, newline=False).decode("ascii")
+
+
+class EsdkFields:
+    """Seal and open field values as base64 ESDK messages."""
+
+    def __init__(
+        self,
+        service: keys.DataKeyService,
+        *,
+        max_edks: int = DEFAULT_MAX_EDKS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.keys = service
+        self.max_edks = max_edks
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._enc: dict[tuple[str, keys.Context], _Entry] = {}
+        self._dec: OrderedDict[tuple[str, bytes, bytes], tuple[bytes, float]] = OrderedDict()
+
+    def writes_esdk(self, name: str) -> bool:
+        return key_options(self.keys.provider(name))[0] == "esdk"
+
+    # -- encrypt ----------------------------------------------------------------------------
+
+    async def seal(self, name: str, context: keys.Context, label: str, plaintext: bytes) -> str:
+        """One serialised JSON value -> one base64 message under key ``name``."""
+        _, opts = key_options(self.keys.provider(name))
+        if any(k in _RESERVED for k, _ in context):
+            raise CryptoError("the encryption context uses a name reserved by the ESDK format")
+        ctx = tuple(sorted((*context, (FIELD_NAME, label)))) if opts.bind_field else context
+        entry = self._cached(name, ctx, len(plaintext))
+        if entry is None:
+            entry = await self.keys._single_flight(
+                ("esdk-enc", name, ctx), lambda: self._generate(name, opts, ctx)
+            )
+            entry.uses += 1
+            entry.bytes += len(plaintext)
+        message = encrypt_message(
+            plaintext,
+            entry.materials,
+            frame_length=opts.frame_length,
+            context_bytes=entry.context_bytes,
+        )
+        return encode(message)
+
+    def _cached(self, name: str, ctx: keys.Context, size: int) -> _Entry | None:
+        entry = self._enc.get((name, ctx))
+        if entry is None:
+            return None
+        limits = self.keys.limits
+        if (
+            entry.uses >= limits.max_uses
+            or entry.bytes + size > limits.max_bytes
+            or self._clock() >= entry.expires
+        ):
+            del self._enc[(name, ctx)]
+            return None
+        entry.uses += 1
+        entry.bytes += size
+        return entry
+
+    async def _generate(self, name: str, opts: EsdkOptions, ctx: keys.Context) -> _Entry:
+        provider = self.keys.provider(name)
+        suite = SUITE_NAMES[opts.suite]
+        context = dict(ctx)
+        signing = None
+        if suite.signed:
+            signing, public = sign.new_signing_key(suite)
+            context[sign.PUBLIC_KEY_NAME] = public
+        if isinstance(provider, RawAesSource):
+            ring = await self.keys._call(
+                provider, "generate_data_key", self._raw_ring(provider, opts, all_versions=False)
+            )
+            data_key = os.urandom(suite.key_bytes)
+            edk = ring.wrap(data_key, context)
+        elif isinstance(provider, KmsSource):
+            arn = await self.keys._call(provider, "generate_data_key", provider.esdk_key_arn())
+            made = await self.keys._call(
+                provider, "generate_data_key", provider.generate_data_key(context)
+            )
+            if len(made.plaintext) != suite.key_bytes or not 0 < len(made.wrapped) <= 0xFFFF:
+                raise CryptoError(f"key {name!r}: provider returned a malformed data key")
+            data_key = made.plaintext
+            edk = EncryptedDataKey(KMS_PROVIDER_ID, arn.encode(), made.wrapped)
+        else:
+            raise CryptoError(
+                f"key {name!r}: a {provider.type_name} key cannot write ESDK messages",
+                code="esdk_unsupported",
+            )
+        materials = Materials(suite, data_key, context, edk.serialise(), 1, signing)
+        entry = _Entry(materials, self._clock() + self.keys.limits.max_age)
+        self._enc[(name, ctx)] = entry
+        self.keys.audit(
+            AuditEvent(
+                "generate_data_key",
+                key=name,
+                provider=provider.type_name,
+                key_version=0,
+                context=dict(ctx),
+                cache="miss",
+            )
+        )
+        return entry
+
+    async def _raw_ring(
+        self, provider: RawAesSource, opts: EsdkOptions, *, all_versions: bool
+    ) -> RawAesKeyring:
+        wrapping = await provider.esdk_wrapping_keys(all_versions=all_versions)
+        return RawAesKeyring(opts.namespace, opts.name or provider.key_name, wrapping)
+
+    # -- decrypt ----------------------------------------------------------------------------
+
+    async def open(
+        self,
+        token: str,
+        *,
+        label: str,
+        context: keys.Context | None,
+        allowed: frozenset[str] | None,
+    ) -> bytes:
+        """Decrypt a base64 message; ``context`` (the route's, when it has one) must be the
+        message's context apart from the reserved pairs; ``allowed``: key names that may open."""
+        data = decode(token)
+        header = parse_message(data, max_edks=self.max_edks, max_bytes=self.max_bytes)
+        stored = header.context
+        bound = stored.get(FIELD_NAME)
+        if bound is not None and bound != label:
+            raise fail()
+        reproduced: dict[str, str] | None = None
+        if context is not None:
+            reproduced = dict(context)
+            if any(k not in reproduced and k not in _RESERVED for k in stored):
+                raise fail()
+        full, required = reconcile_context(header, reproduced)
+        data_key, _ = await self._unwrap(header, full, allowed)
+        return open_message(data, header, data_key, required=required, max_plaintext=self.max_bytes)
+
+    async def open_stored(self, token: str, *, label: str) -> tuple[bytes, keys.Context, str]:
+        """Decrypt under any configured key with the message's own context (rewrap): the
+        plaintext, that context without the reserved pairs, and the key that opened it."""
+        data = decode(token)
+        header = parse_message(data, max_edks=self.max_edks, max_bytes=self.max_bytes)
+        bound = header.context.get(FIELD_NAME)
+        if bound is not None and bound != label:
+            raise fail()
+        data_key, name = await self._unwrap(header, header.context, None)
+        plain = open_message(data, header, data_key, max_plaintext=self.max_bytes)
+        ctx = tuple(sorted((k, v) for k, v in header.context.items() if k not in _RESERVED))
+        return plain, ctx, name
+
+    async def _unwrap(
+        self, header: Header, context: Mapping[str, str], allowed: frozenset[str] | None
+    ) -> tuple[bytes, str]:
+        names = sorted(allowed if allowed is not None else self.keys.providers)
+        context_bytes = serialise_context(context)
+        now = self._clock()
+        suite = header.suite
+        for edk in header.edks:
+            for name in names:
+                hit = self._dec.get((name, edk.ciphertext, context_bytes))
+                if hit is not None and now < hit[1]:
+                    self._dec.move_to_end((name, edk.ciphertext, context_bytes))
+                    return hit[0], name
+        for edk in header.edks:
+            for name in names:
+                provider = self.keys.providers.get(name)
+                if provider is None:
+                    continue
+                try:
+                    data_key = await self._try(name, provider, suite, edk, context)
+                except SidecryptError as exc:
+                    # Not this key's EDK, it does not authenticate, or the provider refused this
+                    # blob (KMS answers a corrupt blob with a refusal): try the next. An outage
+                    # (timeout, breaker open) stays a KeyProviderError.
+                    if isinstance(exc, CryptoError) or getattr(exc, "kms_code", None):
+                        continue
+                    raise
+                if data_key is None or len(data_key) != suite.key_bytes:
+                    continue
+                self._remember((name, edk.ciphertext, context_bytes), data_key)
+                self.keys.audit(
+                    AuditEvent(
+                        "decrypt_data_key",
+                        key=name,
+                        provider=provider.type_name,
+                        key_version=0,
+                        context={k: v for k, v in context.items() if k != sign.PUBLIC_KEY_NAME},
+                        cache="miss",
+                    )
+                )
+                return data_key, name
+        raise fail()
+
+    async def _try(
+        self,
+        name: str,
+        provider: keys.KeyProvider,
+        suite: Suite,
+        edk: EncryptedDataKey,
+        context: Mapping[str, str],
+    ) -> bytes | None:
+        _, opts = key_options(provider)
+        if isinstance(provider, RawAesSource):
+            if edk.provider_id != opts.namespace.encode():
+                return None
+            ring = await self._raw_ring(provider, opts, all_versions=True)
+            return ring.unwrap(suite, (edk,), context)
+        if isinstance(provider, KmsSource) and edk.provider_id == KMS_PROVIDER_ID:
+            arn = await self.keys._call(provider, "decrypt_data_key", provider.esdk_key_arn())
+            if edk.provider_info != arn.encode():
+                return None
+            result: Any = await self.keys._call(
+                provider,
+                "decrypt_data_key",
+                provider.decrypt_data_key(edk.ciphertext, 0, dict(context)),
+            )
+            return bytes(result)
+        return None
+
+    def _remember(self, key: tuple[str, bytes, bytes], data_key: bytes) -> None:
+        limits = self.keys.limits
+        self._dec[key] = (data_key, self._clock() + limits.decrypt_ttl)
+        while len(self._dec) > limits.decrypt_entries:
+            self._dec.popitem(last=False)
+
+    def clear(self) -> None:
+        self._enc.clear()
+        self._dec.clear()
+
+
+__all__ = ["EsdkError", "EsdkFields", "encode", "key_options"]
