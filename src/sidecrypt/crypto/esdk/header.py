@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import fail
 from .suites import Suite, suite_by_id
@@ -82,6 +83,7 @@ class Header:
     message_id: bytes
     context: dict[str, str]
     edks: tuple[EncryptedDataKey, ...]
+    section: bytes  # the serialised context and EDK list, as stored
     content_type: int
     frame_length: int
     commitment: bytes
@@ -148,6 +150,40 @@ class _Reader:
             raise fail() from None
 
 
+def _section_end(data: bytes, pos: int, max_edks: int) -> int:
+    """End of the encryption context and EDK list that start at ``pos`` (lengths only); the
+    EDK count limit is checked before the walk."""
+    try:
+        pos += 2 + (data[pos] << 8 | data[pos + 1])
+        count = data[pos] << 8 | data[pos + 1]
+        if not 0 < count <= max_edks:
+            raise fail()
+        pos += 2
+        for _ in range(count):
+            for _ in range(3):
+                pos += 2 + (data[pos] << 8 | data[pos + 1])
+    except IndexError:
+        raise fail() from None
+    if pos > len(data):
+        raise fail()
+    return pos
+
+
+@lru_cache(maxsize=1024)
+def _section(section: bytes, max_edks: int) -> tuple[dict[str, str], tuple[EncryptedDataKey, ...]]:
+    """Context and EDKs, memoised: every message under one data key repeats these bytes.
+    The dict is shared between callers: treat it as read-only."""
+    r = _Reader(section)
+    context = parse_context(r.take(r.u16()))
+    count = r.u16()
+    if not 0 < count <= max_edks:
+        raise fail()
+    edks = tuple(
+        EncryptedDataKey(r.take(r.u16()), r.take(r.u16()), r.take(r.u16())) for _ in range(count)
+    )
+    return context, edks
+
+
 def parse_header(data: bytes, *, max_edks: int) -> Header:
     """Parse the header and header-auth fields of a version 1 or 2 message."""
     r = _Reader(data)
@@ -162,13 +198,10 @@ def parse_header(data: bytes, *, max_edks: int) -> Header:
         message_id = r.take(MESSAGE_ID_V2)
     else:
         raise fail()
-    context = parse_context(r.take(r.u16()))
-    count = r.u16()
-    if not 0 < count <= max_edks:
-        raise fail()
-    edks = tuple(
-        EncryptedDataKey(r.take(r.u16()), r.take(r.u16()), r.take(r.u16())) for _ in range(count)
-    )
+    end = _section_end(data, r.pos, max_edks)
+    section = data[r.pos : end]
+    context, edks = _section(section, max_edks)
+    r.pos = end
     content_type = r.u8()
     if version == 1 and (r.take(4) != b"\x00\x00\x00\x00" or r.u8() != IV_BYTES):
         raise fail()  # v1: reserved bytes are zero, the IV length is 12
@@ -187,6 +220,7 @@ def parse_header(data: bytes, *, max_edks: int) -> Header:
         message_id,
         context,
         edks,
+        section,
         content_type,
         frame_length,
         commitment,
