@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 import aws_encryption_sdk  # type: ignore[import-untyped]
+from aiohttp import web
 from aws_encryption_sdk.identifiers import (  # type: ignore[import-untyped]
     CommitmentPolicy,
     EncryptionKeyType,
