@@ -222,3 +222,38 @@ async def test_kms_both_ways(
     for bad in _flips(sdk_message):
         with pytest.raises(EsdkError):
             await _open_raw(crypto, ctx, bad)
+
+
+async def test_sdk_bodies_and_version_1_suites(tmp_path: Path) -> None:
+    """Non-framed, many-frame and exact-multiple bodies, and version 1 messages (written by an
+    SDK under FORBID_ENCRYPT_ALLOW_DECRYPT), all open; a signed one with a flipped bit does not."""
+    provider, material = await _local(tmp_path, UNSIGNED)
+    sdk_keys = _raw_provider(material, "acme-ns", "app-key")
+    crypto = _crypto(provider)
+    legacy = aws_encryption_sdk.EncryptionSDKClient(
+        commitment_policy=CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT
+    )
+    raw = json.dumps({"blob": "x" * 1000}).encode()
+    cases: list[tuple[Any, dict[str, Any]]] = [
+        (CLIENT, {"frame_length": 0}),
+        (CLIENT, {"frame_length": 128}),
+        (CLIENT, {"frame_length": 1024, "source_pad": 1024 - len(raw)}),
+        (legacy, {"algorithm": Algorithm.AES_256_GCM_IV12_TAG16_HKDF_SHA256}),
+        (legacy, {"algorithm": Algorithm.AES_256_GCM_IV12_TAG16_HKDF_SHA384_ECDSA_P384}),
+        (legacy, {"algorithm": Algorithm.AES_128_GCM_IV12_TAG16, "frame_length": 0}),
+    ]
+    try:
+        for client, extra in cases:
+            pad = extra.pop("source_pad", 0)  # a body of exactly one frame: empty final frame
+            source = json.dumps({"blob": "x" * (1000 + pad)}).encode()
+            message, _ = client.encrypt(
+                source=source, key_provider=sdk_keys, encryption_context=CONTEXTS[1], **extra
+            )
+            token = base64.b64encode(message).decode()
+            assert is_esdk_message(token), extra
+            assert await _open(crypto, "app", CONTEXTS[1], token) == json.loads(source)
+            bad = message[:-30] + bytes([message[-30] ^ 1]) + message[-29:]
+            with pytest.raises(EsdkError):
+                await _open_raw(crypto, CONTEXTS[1], bad)
+    finally:
+        await provider.close()
