@@ -167,3 +167,15 @@ async def test_rewrap_moves_between_formats(crypto: FieldCrypto) -> None:
 def test_materials_repr_hides_the_key() -> None:
     materials = Materials(DEFAULT_SUITE, b"K" * 32, {}, b"", 0)
     assert "KKKK" not in repr(materials)
+
+
+async def test_encrypt_cache_is_bounded(tmp_path: Path) -> None:
+    """Contexts come from requests: the encrypt-side cache keeps at most decrypt_entries."""
+    from sidecrypt.keys import CacheLimits
+
+    app = await _provider(tmp_path, "app", "esdk")
+    fc = FieldCrypto(DataKeyService({"app": app}, CacheLimits(decrypt_entries=3)))
+    for i in range(10):
+        await _enc(fc, "app", {"a": i}, {"tenant": f"t{i}"})
+    assert len(fc.esdk._enc) == 3
+    await app.close()

@@ -182,6 +182,8 @@ class EsdkFields:
         materials = Materials(suite, data_key, context, edk.serialise(), 1, signing)
         entry = _Entry(materials, self._clock() + self.keys.limits.max_age)
         self._enc[(name, ctx)] = entry
+        while len(self._enc) > self.keys.limits.decrypt_entries:  # contexts come from requests
+            del self._enc[next(iter(self._enc))]
         self.keys.audit(
             AuditEvent(
                 "generate_data_key",
