@@ -12,6 +12,8 @@ from __future__ import annotations
 import binascii
 import re
 
+from .errors import fail
+
 _V2 = re.compile(r"Ag[RV]4[A-Za-z0-9+/]{60,}={0,2}")  # 0x0478 / 0x0578, the committing suites
 _V1 = re.compile(r"AYA[A-D][A-Za-z0-9+/]{60,}={0,2}")  # version 1, suites 0x00xx-0x03xx
 
@@ -24,8 +26,7 @@ def is_esdk_message(value: object) -> bool:
 
 
 def decode(value: str) -> bytes:
-    from .errors import fail
-
+    """Strict standard base64 (padding required, nothing outside the alphabet)."""
     try:
         return binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
     except (ValueError, binascii.Error):

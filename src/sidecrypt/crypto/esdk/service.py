@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Protocol, runtime_checkable
-
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ... import keys
 from ...errors import CryptoError, SidecryptError
@@ -28,7 +24,8 @@ from ...events import AuditEvent
 from . import sign
 from .detect import decode
 from .errors import EsdkError, fail
-from .header import EncryptedDataKey, Header
+from .header import Header
+from .keyrings import key_options, unwrap_one, wrap_new
 from .message import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_EDKS,
@@ -39,28 +36,10 @@ from .message import (
     reconcile_context,
 )
 from .options import EsdkOptions
-from .raw_aes import RawAesKeyring
-from .suites import SUITE_NAMES, Suite
+from .suites import SUITE_NAMES
 
 FIELD_NAME = "sidecrypt-field"  # the context pair that binds a message to its field path
-KMS_PROVIDER_ID = b"aws-kms"
 _RESERVED = (sign.PUBLIC_KEY_NAME, FIELD_NAME)
-
-
-@runtime_checkable
-class RawAesSource(Protocol):
-    """A provider holding AES-256 material (the local keyring)."""
-
-    key_name: str
-
-    async def esdk_wrapping_keys(self, *, all_versions: bool) -> list[AESGCM]: ...
-
-
-@runtime_checkable
-class KmsSource(Protocol):
-    """A provider backed by a symmetric KMS key."""
-
-    async def esdk_key_arn(self) -> str: ...
 
 
 class _Entry:
@@ -72,14 +51,6 @@ class _Entry:
         self.expires = expires
         self.uses = 0
         self.bytes = 0
-
-
-def key_options(provider: keys.KeyProvider) -> tuple[str, EsdkOptions]:
-    """(format, ESDK options) of a configured key."""
-    opts = getattr(provider, "options", None)
-    if isinstance(opts, keys.ProviderOptions):
-        return opts.format, opts.esdk
-    return "sc1", EsdkOptions()
 
 
 def encode(message: bytes) -> str:
@@ -159,26 +130,7 @@ class EsdkFields:
         if suite.signed:
             signing, public = sign.new_signing_key(suite)
             context[sign.PUBLIC_KEY_NAME] = public
-        if isinstance(provider, RawAesSource):
-            ring = await self.keys._call(
-                provider, "generate_data_key", self._raw_ring(provider, opts, all_versions=False)
-            )
-            data_key = os.urandom(suite.key_bytes)
-            edk = ring.wrap(data_key, context)
-        elif isinstance(provider, KmsSource):
-            arn = await self.keys._call(provider, "generate_data_key", provider.esdk_key_arn())
-            made = await self.keys._call(
-                provider, "generate_data_key", provider.generate_data_key(context)
-            )
-            if len(made.plaintext) != suite.key_bytes or not 0 < len(made.wrapped) <= 0xFFFF:
-                raise CryptoError(f"key {name!r}: provider returned a malformed data key")
-            data_key = made.plaintext
-            edk = EncryptedDataKey(KMS_PROVIDER_ID, arn.encode(), made.wrapped)
-        else:
-            raise CryptoError(
-                f"key {name!r}: a {provider.type_name} key cannot write ESDK messages",
-                code="esdk_unsupported",
-            )
+        data_key, edk = await wrap_new(self.keys, provider, opts, suite, context)
         materials = Materials(suite, data_key, context, edk.serialise(), 1, signing)
         entry = _Entry(materials, self._clock() + self.keys.limits.max_age)
         self._enc[(name, ctx)] = entry
@@ -195,12 +147,6 @@ class EsdkFields:
             )
         )
         return entry
-
-    async def _raw_ring(
-        self, provider: RawAesSource, opts: EsdkOptions, *, all_versions: bool
-    ) -> RawAesKeyring:
-        wrapping = await provider.esdk_wrapping_keys(all_versions=all_versions)
-        return RawAesKeyring(opts.namespace, opts.name or provider.key_name, wrapping)
 
     # -- decrypt ----------------------------------------------------------------------------
 
@@ -277,7 +223,7 @@ class EsdkFields:
                 if provider is None:
                     continue
                 try:
-                    data_key = await self._try(name, provider, suite, edk, context)
+                    data_key = await unwrap_one(self.keys, provider, suite, edk, context)
                 except SidecryptError as exc:
                     # Not this key's EDK, it does not authenticate, or the provider refused this
                     # blob (KMS answers a corrupt blob with a refusal): try the next. An outage
@@ -301,32 +247,6 @@ class EsdkFields:
                 return data_key, name
         raise fail()
 
-    async def _try(
-        self,
-        name: str,
-        provider: keys.KeyProvider,
-        suite: Suite,
-        edk: EncryptedDataKey,
-        context: Mapping[str, str],
-    ) -> bytes | None:
-        _, opts = key_options(provider)
-        if isinstance(provider, RawAesSource):
-            if edk.provider_id != opts.namespace.encode():
-                return None
-            ring = await self._raw_ring(provider, opts, all_versions=True)
-            return ring.unwrap(suite, (edk,), context)
-        if isinstance(provider, KmsSource) and edk.provider_id == KMS_PROVIDER_ID:
-            arn = await self.keys._call(provider, "decrypt_data_key", provider.esdk_key_arn())
-            if edk.provider_info != arn.encode():
-                return None
-            result: Any = await self.keys._call(
-                provider,
-                "decrypt_data_key",
-                provider.decrypt_data_key(edk.ciphertext, 0, dict(context)),
-            )
-            return bytes(result)
-        return None
-
     def _remember(self, key: tuple[str, bytes, bytes], data_key: bytes) -> None:
         limits = self.keys.limits
         self._dec[key] = (data_key, self._clock() + limits.decrypt_ttl)
@@ -338,4 +258,4 @@ class EsdkFields:
         self._dec.clear()
 
 
-__all__ = ["EsdkError", "EsdkFields", "encode", "key_options"]
+__all__ = ["FIELD_NAME", "EsdkError", "EsdkFields", "encode", "key_options"]
