@@ -80,6 +80,9 @@ async def test_round_trip_types_and_one_data_key(crypto: FieldCrypto) -> None:
         assert (await _dec(crypto, sealed))[0] == doc
     made = [e for e in crypto.events if e.action == "generate_data_key"]  # type: ignore[attr-defined]
     assert len(made) == 2  # one per (context, field): the field path is in the context
+    stats = crypto.keys.stats
+    assert stats["encrypt_misses"] == 2 and stats["encrypt_hits"] == 38
+    assert stats["decrypt_misses"] == 2 and stats["decrypt_hits"] == 38
 
 
 async def test_both_formats_on_one_route(crypto: FieldCrypto) -> None:

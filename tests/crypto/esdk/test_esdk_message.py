@@ -8,6 +8,9 @@ import struct
 
 import aws_encryption_sdk  # type: ignore[import-untyped]
 import pytest
+from aws_encryption_sdk.exceptions import (  # type: ignore[import-untyped]
+    AWSEncryptionSDKClientError,
+)
 from aws_encryption_sdk.identifiers import (  # type: ignore[import-untyped]
     CommitmentPolicy,
     EncryptionKeyType,
@@ -17,6 +20,7 @@ from aws_encryption_sdk.key_providers.raw import (  # type: ignore[import-untype
     RawMasterKeyProvider,
     WrappingKey,
 )
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sidecrypt.crypto.esdk import EsdkError, sign
@@ -41,6 +45,7 @@ class _Provider(RawMasterKeyProvider):  # type: ignore[misc]
 
 SDK_KEYS = _Provider()
 SDK_KEYS.add_master_key(b"k")
+SDK_ERRORS = (AWSEncryptionSDKClientError, InvalidSignature, InvalidTag)
 CLIENT = aws_encryption_sdk.EncryptionSDKClient(
     commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
 )
@@ -88,3 +93,13 @@ def test_suite_of_the_other_version_refused() -> None:
     message[1:3] = struct.pack(">H", 0x0178)  # a version-1 suite in a version-2 header
     with pytest.raises(EsdkError):
         decrypt_message(bytes(message), RING.unwrap)
+
+
+def test_every_flipped_byte_fails_on_both_sides() -> None:
+    message = encrypt_message(b'"v"', _materials({"t": "a"}, signed=True), frame_length=128)
+    for i in range(len(message)):
+        bad = message[:i] + bytes([message[i] ^ 0x40]) + message[i + 1 :]
+        with pytest.raises(EsdkError):
+            decrypt_message(bad, RING.unwrap)
+        with pytest.raises(SDK_ERRORS):
+            CLIENT.decrypt(source=bad, key_provider=SDK_KEYS)

@@ -87,7 +87,11 @@ class EsdkFields:
             raise CryptoError("the encryption context uses a name reserved by the ESDK format")
         ctx = tuple(sorted((*context, (FIELD_NAME, label)))) if opts.bind_field else context
         entry = self._cached(name, ctx, len(plaintext))
-        if entry is None:
+        stats = self.keys.stats  # the sc1 cache counters: /metrics shows both formats
+        if entry is not None:
+            stats["encrypt_hits"] += 1
+        else:
+            stats["encrypt_misses"] += 1
             entry = await self.keys._single_flight(
                 ("esdk-enc", name, ctx), lambda: self._generate(name, opts, ctx)
             )
@@ -216,6 +220,7 @@ class EsdkFields:
                 hit = self._dec.get((name, edk.ciphertext, context_bytes))
                 if hit is not None and now < hit[1]:
                     self._dec.move_to_end((name, edk.ciphertext, context_bytes))
+                    self.keys.stats["decrypt_hits"] += 1
                     return hit[0], name
         for edk in header.edks:
             for name in names:
@@ -234,6 +239,7 @@ class EsdkFields:
                 if data_key is None or len(data_key) != suite.key_bytes:
                     continue
                 self._remember((name, edk.ciphertext, context_bytes), data_key)
+                self.keys.stats["decrypt_misses"] += 1
                 self.keys.audit(
                     AuditEvent(
                         "decrypt_data_key",
@@ -252,6 +258,7 @@ class EsdkFields:
         self._dec[key] = (data_key, self._clock() + limits.decrypt_ttl)
         while len(self._dec) > limits.decrypt_entries:
             self._dec.popitem(last=False)
+            self.keys.stats["evictions"] += 1
 
     def clear(self) -> None:
         self._enc.clear()
