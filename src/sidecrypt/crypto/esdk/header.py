@@ -169,10 +169,18 @@ def _section_end(data: bytes, pos: int, max_edks: int) -> int:
     return pos
 
 
-@lru_cache(maxsize=1024)
 def _section(section: bytes, max_edks: int) -> tuple[dict[str, str], tuple[EncryptedDataKey, ...]]:
-    """Context and EDKs, memoised: every message under one data key repeats these bytes.
-    The dict is shared between callers: treat it as read-only."""
+    """Context and EDKs; sections of typical size are memoised (every message under one data
+    key repeats these bytes), big ones are not, so the cache stays small. The dict may be
+    shared between callers: treat it as read-only."""
+    if len(section) <= _CACHED_SECTION:
+        return _cached_section(section, max_edks)
+    return _parse_section(section, max_edks)
+
+
+def _parse_section(
+    section: bytes, max_edks: int
+) -> tuple[dict[str, str], tuple[EncryptedDataKey, ...]]:
     r = _Reader(section)
     context = parse_context(r.take(r.u16()))
     count = r.u16()
@@ -182,6 +190,10 @@ def _section(section: bytes, max_edks: int) -> tuple[dict[str, str], tuple[Encry
         EncryptedDataKey(r.take(r.u16()), r.take(r.u16()), r.take(r.u16())) for _ in range(count)
     )
     return context, edks
+
+
+_CACHED_SECTION = 2048  # bytes: a KMS EDK is ~200, a raw AES one ~100; 1024 entries at most
+_cached_section = lru_cache(maxsize=1024)(_parse_section)
 
 
 def parse_header(data: bytes, *, max_edks: int) -> Header:
