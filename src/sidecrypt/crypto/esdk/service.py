@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -73,7 +74,7 @@ class EsdkFields:
         self.max_bytes = max_bytes
         self._clock = clock
         self._enc: dict[tuple[str, keys.Context], _Entry] = {}
-        self._dec: OrderedDict[tuple[str, bytes, bytes], tuple[bytes, float]] = OrderedDict()
+        self._dec: OrderedDict[tuple[str, bytes], tuple[bytes, float]] = OrderedDict()
 
     def writes_esdk(self, name: str) -> bool:
         return key_options(self.keys.provider(name))[0] == "esdk"
@@ -212,17 +213,31 @@ class EsdkFields:
         """The data key from the first EDK a permitted key unwraps; cached by key, EDK and
         the full context (stored section plus required-only pairs)."""
         names = sorted(allowed if allowed is not None else self.keys.providers)
-        context_bytes = header.section + required
+        # The public header bytes that bind the data key (EDKs and context, which can be large)
+        # plus the required-only pairs, as a 32-byte digest: entries stay small.
+        digests = [
+            hashlib.sha256(
+                b"".join(
+                    (
+                        len(edk.ciphertext).to_bytes(2, "big"),
+                        edk.ciphertext,
+                        header.section,
+                        required,
+                    )
+                )
+            ).digest()
+            for edk in header.edks
+        ]
         now = self._clock()
         suite = header.suite
-        for edk in header.edks:
+        for digest in digests:
             for name in names:
-                hit = self._dec.get((name, edk.ciphertext, context_bytes))
+                hit = self._dec.get((name, digest))
                 if hit is not None and now < hit[1]:
-                    self._dec.move_to_end((name, edk.ciphertext, context_bytes))
+                    self._dec.move_to_end((name, digest))
                     self.keys.stats["decrypt_hits"] += 1
                     return hit[0], name
-        for edk in header.edks:
+        for edk, digest in zip(header.edks, digests, strict=True):
             for name in names:
                 provider = self.keys.providers.get(name)
                 if provider is None:
@@ -238,7 +253,7 @@ class EsdkFields:
                     raise
                 if data_key is None or len(data_key) != suite.key_bytes:
                     continue
-                self._remember((name, edk.ciphertext, context_bytes), data_key)
+                self._remember((name, digest), data_key)
                 self.keys.stats["decrypt_misses"] += 1
                 self.keys.audit(
                     AuditEvent(
@@ -253,7 +268,7 @@ class EsdkFields:
                 return data_key, name
         raise fail()
 
-    def _remember(self, key: tuple[str, bytes, bytes], data_key: bytes) -> None:
+    def _remember(self, key: tuple[str, bytes], data_key: bytes) -> None:
         limits = self.keys.limits
         self._dec[key] = (data_key, self._clock() + limits.decrypt_ttl)
         while len(self._dec) > limits.decrypt_entries:
