@@ -71,6 +71,9 @@ async def test_esdk_fields_end_to_end(
     store: dict[str, Any] = {}
 
     async def app(request: web.Request, body: bytes) -> web.Response:
+        if request.path == "/ingest":
+            store["ingest"] = json.loads(body)
+            return web.json_response({})
         if request.method == "POST":
             store["1"] = json.loads(body)
             return web.json_response(store["1"])
@@ -95,7 +98,13 @@ async def test_esdk_fields_end_to_end(
                 "context": {"tenant": "header:X-Tenant"},
                 "request": {"encrypt": ["$.ssn"]},
                 "response": {"decrypt": ["$.ssn"]},
-            }
+            },
+            {  # clients that encrypt with an SDK send messages the sidecar opens
+                "match": {"methods": ["POST"], "path": "/ingest"},
+                "key": "app",
+                "context": {"tenant": "header:X-Tenant"},
+                "request": {"decrypt": ["$.card"]},
+            },
         ],
     }
     proxy = await proxy_factory(raw, base_dir=tmp_path, plugins=(recorder,))
@@ -130,6 +139,17 @@ async def test_esdk_fields_end_to_end(
         async with client.get(f"{proxy.url}/users/2", headers=acme) as resp:
             assert resp.status == 200
             assert await resp.json() == {"ssn": [CANARY]}
+        async with client.post(
+            f"{proxy.url}/ingest", json={"card": store["2"]["ssn"]}, headers=acme
+        ) as resp:
+            assert resp.status == 200
+        assert store["ingest"] == {"card": [CANARY]}
+        flipped = bytearray(sdk_message)
+        flipped[-40] ^= 1
+        bad = base64.b64encode(bytes(flipped)).decode()
+        async with client.post(f"{proxy.url}/ingest", json={"card": bad}, headers=acme) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "esdk_message_invalid"
     actions = [e.action for e in recorder.events]
     assert "generate_data_key" in actions and "decrypt_data_key" in actions
     assert CANARY not in repr(recorder.events)
