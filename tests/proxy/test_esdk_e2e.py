@@ -150,6 +150,7 @@ async def test_esdk_fields_end_to_end(
         async with client.post(f"{proxy.url}/ingest", json={"card": bad}, headers=acme) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]["code"] == "esdk_message_invalid"
+        assert store["ingest"] == {"card": [CANARY]}  # the refused body never went upstream
     actions = [e.action for e in recorder.events]
     assert "generate_data_key" in actions and "decrypt_data_key" in actions
     assert CANARY not in repr(recorder.events)
