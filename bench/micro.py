@@ -100,6 +100,9 @@ async def _run(config: Path, body: bytes, quick: bool) -> dict[str, float]:
     out["encrypting route work per request (µs)"] = await route_work(
         config, body, enc_doc, number=n // 4
     )
+    from .micro_esdk import figures
+
+    out.update(await figures(n // 5))  # esdk against sc1 per field, and the official SDK
     return out
 
 

@@ -189,10 +189,10 @@ def _list_configured_keys(path: str) -> int:
 
 
 def cmd_transform(args: argparse.Namespace) -> int:
-    from .offline import transform_document
+    from .offline import transform_document, with_format
 
     source = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
-    settings = config.load(args.config)
+    settings = with_format(config.load(args.config), args.key, args.format)
     out = asyncio.run(
         transform_document(
             settings,
@@ -209,19 +209,44 @@ def cmd_transform(args: argparse.Namespace) -> int:
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
-    from .offline import rewrap_document
+    from .offline import rewrap_documents, with_format
 
     source = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
-    settings = config.load(args.config)
-    out, moved = asyncio.run(
-        rewrap_document(settings, source, selectors=tuple(args.field), to_key=args.to_key)
+    settings = with_format(config.load(args.config), args.to_key, args.format)
+    docs = [line for line in source.splitlines() if line.strip()] if args.jsonl else [source]
+    outs, moved = asyncio.run(
+        rewrap_documents(
+            settings,
+            docs,
+            selectors=tuple(args.field),
+            to_key=args.to_key,
+            progress=_progress_bar(len(docs)) if args.jsonl else None,
+        )
     )
-    sys.stdout.buffer.write(out + b"\n")
+    for out in outs:
+        sys.stdout.buffer.write(out + b"\n")
     counts: dict[str, int] = {}
     for _, key, version in moved:
         counts[f"{key}:{version}"] = counts.get(f"{key}:{version}", 0) + 1
     print(json.dumps({"rewrapped": len(moved), "from": counts}), file=sys.stderr)
     return 0
+
+
+def _progress_bar(total: int, width: int = 30) -> Callable[[int], None]:
+    """A progress bar on stderr (a line per 10% when stderr is not a terminal)."""
+    tty = sys.stderr.isatty()
+    step = max(total // 10, 1)
+
+    def show(done: int) -> None:
+        if tty:
+            filled = width * done // max(total, 1)
+            bar = "#" * filled + "." * (width - filled)
+            sys.stderr.write(f"\rrewrap [{bar}] {done}/{total}" + ("\n" if done == total else ""))
+            sys.stderr.flush()
+        elif done % step == 0 or done == total:
+            print(f"rewrap: {done}/{total} documents", file=sys.stderr)
+
+    return show
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -306,12 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--field", action="append", help="a selector (repeatable)")
         p.add_argument("--key", help="key name (with --field)")
         p.add_argument("--context", action="append", help="NAME=VALUE (repeatable)")
+        p.add_argument("--format", choices=("sc1", "esdk"), help="override the key's format")
 
     p = verb("rewrap", cmd_rewrap, "re-encrypt stored tokens under a key's newest version")
     p.add_argument("--config", "-c", required=True)
     p.add_argument("input", nargs="?", default="-", help="JSON file, or - for stdin")
     p.add_argument("--field", action="append", required=True, help="a selector (repeatable)")
     p.add_argument("--to-key", required=True, help="the configured key to re-encrypt under")
+    p.add_argument("--format", choices=("sc1", "esdk"), help="write as sc1 tokens or ESDK messages")
+    p.add_argument("--jsonl", action="store_true", help="one document per line (progress bar)")
 
     audit = verb("audit", lambda a: 2, "audit trail tools")
     asub = audit.add_subparsers(dest="audit_verb", required=True, metavar="VERB")

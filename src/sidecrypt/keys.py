@@ -15,11 +15,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict
 
+from .crypto.esdk.options import EsdkOptions
 from .errors import CryptoError, KeyProviderError, SidecryptError
 from .events import AuditEvent
 
@@ -53,6 +54,8 @@ class ProviderOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     provider: str
+    format: Literal["sc1", "esdk"] = "sc1"  # how fields encrypted under this key are written
+    esdk: EsdkOptions = EsdkOptions()
 
 
 @runtime_checkable

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 from .config import Settings
@@ -65,23 +65,56 @@ async def transform_document(
             await provider.close()
 
 
+def with_format(settings: Settings, key: str | None, fmt: str | None) -> Settings:
+    """``--format``: write under ``key`` as ``sc1`` or ``esdk`` whatever its config says."""
+    if fmt is None or key is None:
+        return settings
+    if key not in settings.keys:
+        raise ConfigError(f"unknown key {key!r}", file=settings.source, path="--key")
+    keys = {**settings.keys, key: {**settings.keys[key], "format": fmt}}
+    return settings.model_copy(update={"keys": keys})
+
+
 async def rewrap_document(
     settings: Settings, doc: bytes, *, selectors: Sequence[str], to_key: str
 ) -> tuple[bytes, list[tuple[str, str, int]]]:
     """Re-encrypt the tokens at ``selectors`` under ``to_key``'s newest version.
 
     For key rotation (old versions -> newest) and moving data to another key or provider
-    (another account's KMS key, say) without the plaintext leaving this process.
+    (another account's KMS key, say) without the plaintext leaving this process. ``sc1.``
+    tokens and ESDK messages are read alike; they are written in ``to_key``'s format.
     """
+    out, moved = await rewrap_documents(settings, [doc], selectors=selectors, to_key=to_key)
+    return out[0], moved
+
+
+async def rewrap_documents(
+    settings: Settings,
+    docs: Iterable[bytes],
+    *,
+    selectors: Sequence[str],
+    to_key: str,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[bytes], list[tuple[str, str, int]]]:
+    """:func:`rewrap_document` over many documents (JSON Lines) with one set of providers
+    and data keys; ``progress`` gets the count of documents done after each."""
     if to_key not in settings.keys:
         raise ConfigError(f"unknown key {to_key!r}", file=settings.source, path="--to-key")
     providers = build_providers(settings, make_plugin_manager())
     crypto = FieldCrypto(DataKeyService(providers))
     for provider in providers.values():
         await provider.start()
+    outs: list[bytes] = []
+    moved: list[tuple[str, str, int]] = []
     try:
         specs = adhoc_route(to_key, selectors, any_key=True).response_decrypt
-        return await crypto.rewrap_body(doc, specs, to_key=to_key)
+        for doc in docs:
+            out, one = await crypto.rewrap_body(doc, specs, to_key=to_key)
+            outs.append(out)
+            moved.extend(one)
+            if progress is not None:
+                progress(len(outs))
+        return outs, moved
     finally:
         for provider in providers.values():
             await provider.close()

@@ -390,6 +390,18 @@ class KmsKeyProvider:
         resp = await self._call("GenerateDataKey", **params)
         return DataKey(bytes(resp["Plaintext"]), bytes(resp["CiphertextBlob"]), 0)
 
+    async def esdk_key_arn(self) -> str:
+        """The key ARN an ESDK ``aws-kms`` EDK names (DescribeKey once); symmetric keys only."""
+        if await self._key_spec() != SYMMETRIC:
+            raise CryptoError(f"key {self.name!r}: only symmetric KMS keys can write ESDK messages")
+        arn = self._facts.get("arn")
+        if not arn:
+            self._learn((await self._call("DescribeKey", KeyId=self.key_id))["KeyMetadata"])
+            arn = self._facts.get("arn")
+        if not isinstance(arn, str) or not arn.startswith("arn:"):
+            raise KeyProviderError(f"key {self.name!r}: KMS did not return the key ARN")
+        return arn
+
     async def decrypt_data_key(
         self, wrapped: bytes, key_version: int, context: Mapping[str, str]
     ) -> bytes:

@@ -239,6 +239,23 @@ class LocalKeyProvider:
             raise CryptoError(f"key {self.name!r} version {key_version} is disabled")
         return ver.unwrap(wrapped, context)
 
+    async def esdk_wrapping_keys(self, *, all_versions: bool) -> list[AESGCM]:
+        """AES-256 material for the ESDK raw AES keyring: the primary version first, then
+        (to unwrap) the other enabled ones."""
+        await self._refresh()
+        primary = self._primary
+        if primary is None:
+            raise KeyProviderError(f"key {self.name!r}: provider not started")
+        if primary.aead is None:
+            raise CryptoError(f"key {self.name!r}: only aes256 keys can write ESDK messages")
+        out = [primary.aead]
+        if all_versions:
+            for number in sorted(self._versions, reverse=True):
+                ver = self._versions[number]
+                if ver is not primary and ver.aead is not None and ver.state == "enabled":
+                    out.append(ver.aead)
+        return out
+
     def public_key(self) -> dict[str, str] | None:
         """The primary version's public JWK (None for a symmetric key)."""
         return self._primary.public_jwk() if self._primary is not None else None

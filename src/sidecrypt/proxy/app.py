@@ -657,3 +657,4 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
             except Exception:  # closing must not hide the shutdown of the others
                 log.exception("closing key provider %s failed", provider.name)
         proxy.keys.clear()
+        proxy.fields.esdk.clear()  # ESDK data keys cached beside the sc1 ones

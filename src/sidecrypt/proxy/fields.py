@@ -21,6 +21,8 @@ import orjson
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .. import keys
+from ..crypto.esdk import is_esdk_message
+from ..crypto.esdk.service import EsdkFields
 from ..decisions import default_mask
 from ..envelope import (
     Envelope,
@@ -130,13 +132,18 @@ def _collect(doc: Any, specs: Sequence[CompiledField], *, encrypting: bool) -> l
     return [(c, k, lab) for c, k, _, lab in found]
 
 
+def _protected(value: Any) -> bool:
+    """An ``sc1.`` token or an ESDK message (the two formats a field may be written in)."""
+    return is_envelope(value) or is_esdk_message(value)
+
+
 def assert_no_plaintext(body_obj: Any, specs: Sequence[CompiledField]) -> None:
     """Every slot a selector reaches must hold a token; raise naming the path otherwise."""
     plan = _direct(specs)
     if plan is not None:
         for parents, last, _, spec in plan:
             node = _walk(body_obj, parents, last)
-            if node is not None and not is_envelope(node[last]):
+            if node is not None and not _protected(node[last]):
                 raise PlaintextGuardError(
                     f"plaintext guard: {path_label((*parents, last))} (selector {spec.text}) is "
                     "not encrypted; the body was not sent"
@@ -144,7 +151,7 @@ def assert_no_plaintext(body_obj: Any, specs: Sequence[CompiledField]) -> None:
         return
     for spec in specs:
         for container, key, path, _ in _find(body_obj, spec):
-            if not is_envelope(container[key]):
+            if not _protected(container[key]):
                 raise PlaintextGuardError(
                     f"plaintext guard: {path_label(path)} (selector {spec.text}) is not "
                     "encrypted; the body was not sent"
@@ -160,6 +167,7 @@ class FieldCrypto:
 
     def __init__(self, keys: keys.DataKeyService) -> None:
         self.keys = keys
+        self.esdk = EsdkFields(keys)
 
     async def encrypt_body(
         self,
@@ -178,6 +186,11 @@ class FieldCrypto:
             raise CryptoError(f"route {route.label} encrypts fields but names no key")
         service = self.keys
         plains = [dumps_json(container[key]) for container, key, _ in slots]
+        if self.esdk.writes_esdk(name):
+            for (container, key, lab), plaintext in zip(slots, plains, strict=True):
+                container[key] = await self.esdk.seal(name, context, lab, plaintext)
+            assert_no_plaintext(doc, specs)
+            return _serialise(doc), [lab for _, _, lab in slots]
         # One cache lookup for the body when the cached key has room for every field.
         dk = service.cached_for_encrypt_many(name, context, sum(map(len, plains)), len(plains))
         labels = []
@@ -239,7 +252,8 @@ class FieldCrypto:
                     container[key] = None
                 outcomes.append((lab, "dropped"))
                 continue
-            if not is_envelope(value):
+            esdk = not is_envelope(value) and is_esdk_message(value)
+            if not esdk and not is_envelope(value):
                 if outcome != "reveal":
                     container[key] = masker(lab, value)
                     outcomes.append((lab, "masked"))
@@ -248,14 +262,17 @@ class FieldCrypto:
                 outcomes.append((lab, "ciphertext"))
                 continue
             try:
-                env = parse(value)
-                if env.header is not vetted:  # tokens of one data key share the header object
-                    self._vet(env, route, context, lab)
-                    vetted = env.header
-                aead = self.keys.cached_for_decrypt(env.wrapped)
-                if aead is None:
-                    aead = await self._unwrap(env)
-                plain = decrypt_value(env, aead, lab)
+                if esdk:
+                    plain = await self._open_esdk(value, route, context, lab)
+                else:
+                    env = parse(value)
+                    if env.header is not vetted:  # tokens of one data key share the header
+                        self._vet(env, route, context, lab)
+                        vetted = env.header
+                    aead = self.keys.cached_for_decrypt(env.wrapped)
+                    if aead is None:
+                        aead = await self._unwrap(env)
+                    plain = decrypt_value(env, aead, lab)
             except CryptoError:
                 if route.on_decrypt_error != "ciphertext":
                     raise
@@ -269,10 +286,27 @@ class FieldCrypto:
             labels.append(lab)
         return _serialise(doc), labels, outcomes
 
+    async def _open_esdk(
+        self, value: str, route: CompiledRoute, context: keys.Context, label: str
+    ) -> Any:
+        """Decrypt one ESDK message under the route's keys and context."""
+        plain = await self.esdk.open(
+            value,
+            label=label,
+            context=context if route.has_context else None,
+            allowed=route.decrypt_keys,
+        )
+        try:
+            return loads_json(plain)
+        except ValueError:
+            raise CryptoError(f"field {label} decrypted to invalid JSON") from None
+
     async def open_token(
         self, token: str, route: CompiledRoute, context: keys.Context, label: str
     ) -> Any:
         """Check a token against the route (key, provider, context) and decrypt it."""
+        if is_esdk_message(token):
+            return await self._open_esdk(token, route, context, label)
         env, aead = self._check(token, route, context, label)
         if aead is None:
             aead = await self._unwrap(env)
@@ -311,21 +345,30 @@ class FieldCrypto:
         """
         doc = _parse(body)
         target = self.keys.provider(to_key)
+        to_esdk = self.esdk.writes_esdk(to_key)
         moved: list[tuple[str, str, int]] = []
         for container, key, lab in _collect(doc, specs, encrypting=False):
             token = container[key]
-            if not is_envelope(token):
+            if is_esdk_message(token):
+                plain, context, old_key = await self.esdk.open_stored(token, label=lab)
+                old_version = 0
+            elif is_envelope(token):
+                env = parse(token)
+                aead = self.keys.cached_for_decrypt(env.wrapped) or await self._unwrap(env)
+                plain = dumps_json(decrypt_value(env, aead, lab))
+                context, old_key, old_version = env.context, env.key_name, env.key_version
+            else:
                 continue
-            env = parse(token)
-            aead = self.keys.cached_for_decrypt(env.wrapped) or await self._unwrap(env)
-            value = decrypt_value(env, aead, lab)
-            plain = dumps_json(value)
-            cached = await self.keys.for_encrypt(to_key, env.context, len(plain))
+            if to_esdk:
+                container[key] = await self.esdk.seal(to_key, context, lab, plain)
+                moved.append((lab, old_key, old_version))
+                continue
+            cached = await self.keys.for_encrypt(to_key, context, len(plain))
             header = build_header(
-                target.type_name, to_key, cached.key_version, env.context, cached.wrapped
+                target.type_name, to_key, cached.key_version, context, cached.wrapped
             )
             container[key] = seal(plain, cached.aead, header=header, label=lab)
-            moved.append((lab, env.key_name, env.key_version))
+            moved.append((lab, old_key, old_version))
         return _serialise(doc), moved
 
     async def _unwrap(self, env: Envelope) -> AESGCM:
