@@ -476,7 +476,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
         handler_args={"max_field_size": settings.server.max_header_size, "auto_decompress": False},
     )
     stores = build_stores(settings, pm)
-    providers = build_providers(settings, pm)
+    providers = build_providers(settings, pm, stores)
     limits = settings.data_keys
     keys = DataKeyService(
         providers,
