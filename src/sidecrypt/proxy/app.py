@@ -486,6 +486,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
             max_bytes=limits.max_bytes,
             decrypt_entries=limits.decrypt_entries,
             decrypt_ttl=limits.decrypt_ttl,
+            decrypt_concurrency=limits.decrypt_concurrency,
         ),
         audit=lambda event: pm.hook.sidecrypt_audit(event=event),
     )
