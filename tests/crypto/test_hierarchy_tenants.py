@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecrypt import cli, keyring
 
@@ -98,6 +99,21 @@ async def test_forget_shreds_one_tenant_only(
         assert body["error"]["code"] == "branch_key_unknown"
         assert "CANARY" not in json.dumps(body)
         assert await call("GET", "/users/2", "other") == (200, {"ssn": "OTHER-CANARY"})
+        async with session.get(f"{proxy.admin_url}/metrics") as resp:
+            text = await resp.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    created = samples[("sidecrypt_branch_key_cache_total", (("key", "app"), ("result", "created")))]
+    assert created == 2  # one branch per tenant
+    assert (
+        samples[("sidecrypt_branch_key_cache_total", (("key", "app"), ("result", "unknown")))] >= 1
+    )
+    ops = {dict(k[1]).get("operation") for k in samples if k[0] == "sidecrypt_store_calls_total"}
+    assert {"branch_keys.insert", "branch_keys.get", "branch_keys.latest"} <= ops
+    assert "CANARY" not in text
 
 
 def test_rotate_and_forget_are_audited(

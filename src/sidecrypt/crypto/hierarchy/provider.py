@@ -65,6 +65,46 @@ def branch_context(row: BranchKeyRow | tuple[str, str, str, int]) -> dict[str, s
     }
 
 
+def seal_data_key(
+    branch_key: AESGCM,
+    key: str,
+    branch_id: str,
+    version: int,
+    context: Mapping[str, str],
+    data_key: bytes,
+    nonce: bytes | None = None,
+) -> bytes:
+    """The branch-wrapped form of a data key (``nonce`` only for test vectors)."""
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
+    aad = wrap_aad(ALG, f"{key}/{branch_id}:{version}", context)
+    return (
+        bytes((LAYOUT,))
+        + bytes.fromhex(branch_id)
+        + nonce
+        + branch_key.encrypt(nonce, data_key, aad)
+    )
+
+
+def open_data_key(
+    branch_key: AESGCM, key: str, version: int, context: Mapping[str, str], wrapped: bytes
+) -> bytes:
+    """Unwrap a branch-wrapped data key; CryptoError unless it authenticates."""
+    if len(wrapped) != WRAPPED_BYTES or wrapped[0] != LAYOUT:
+        raise CryptoError(f"key {key!r}: not a branch-wrapped data key")
+    branch_id = wrapped[1 : 1 + BRANCH_ID_BYTES].hex()
+    start = 1 + BRANCH_ID_BYTES
+    aad = wrap_aad(ALG, f"{key}/{branch_id}:{version}", context)
+    try:
+        return branch_key.decrypt(
+            wrapped[start : start + NONCE_BYTES], wrapped[start + NONCE_BYTES :], aad
+        )
+    except InvalidTag:
+        raise CryptoError(
+            f"key {key!r}: wrapped data key does not authenticate "
+            "(tampered, or another key, branch or context)"
+        ) from None
+
+
 class _Unwrapped:
     """One branch key version in memory; never in a repr."""
 
@@ -166,7 +206,7 @@ class HierarchicalProvider:
 
     def __getattr__(self, name: str) -> Any:
         # public_key / public_jwks / rotate of the inner provider stay reachable
-        if name in ("public_key", "public_jwks"):
+        if name in ("public_key", "public_jwks", "outage_seconds"):
             return getattr(self.legacy, name)
         raise AttributeError(name)
 
@@ -299,18 +339,13 @@ class HierarchicalProvider:
 
     # -- KeyProvider ------------------------------------------------------------------------
 
-    def _aad(self, branch_id: str, version: int, context: Mapping[str, str]) -> bytes:
-        return wrap_aad(ALG, f"{self.name}/{branch_id}:{version}", context)
-
     async def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
         row = await self.active(self.branch_of(context))
         entry = await self._unwrapped(row.branch_id, row.version)
         plaintext = os.urandom(DATA_KEY_BYTES)
-        nonce = os.urandom(NONCE_BYTES)
-        sealed = entry.aead.encrypt(
-            nonce, plaintext, self._aad(row.branch_id, row.version, context)
+        wrapped = seal_data_key(
+            entry.aead, self.name, row.branch_id, row.version, context, plaintext
         )
-        wrapped = bytes((LAYOUT,)) + bytes.fromhex(row.branch_id) + nonce + sealed
         return DataKey(plaintext, wrapped, row.version)
 
     async def decrypt_data_key(
@@ -318,25 +353,13 @@ class HierarchicalProvider:
     ) -> bytes:
         if len(wrapped) != WRAPPED_BYTES or wrapped[0] != LAYOUT:
             raise CryptoError(f"key {self.name!r}: not a branch-wrapped data key")
-        branch_id = wrapped[1 : 1 + BRANCH_ID_BYTES].hex()
         branch = self.branch_of(context)
-        entry = await self._unwrapped(branch_id, key_version)
+        entry = await self._unwrapped(wrapped[1 : 1 + BRANCH_ID_BYTES].hex(), key_version)
         if entry.row.branch != branch:
             raise CryptoError(
                 f"key {self.name!r}: data key belongs to another branch", code="context_mismatch"
             )
-        start = 1 + BRANCH_ID_BYTES
-        try:
-            return entry.aead.decrypt(
-                wrapped[start : start + NONCE_BYTES],
-                wrapped[start + NONCE_BYTES :],
-                self._aad(branch_id, key_version, context),
-            )
-        except InvalidTag:
-            raise CryptoError(
-                f"key {self.name!r}: wrapped data key does not authenticate "
-                "(tampered, or another key, branch or context)"
-            ) from None
+        return open_data_key(entry.aead, self.name, key_version, context, wrapped)
 
     # -- plumbing ---------------------------------------------------------------------------
 
