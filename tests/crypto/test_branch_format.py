@@ -47,7 +47,6 @@ def test_vector_3_both_ways() -> None:
     assert envelope.decrypt_value(env, AESGCM(DATA_KEY), "$.ssn") == "123-45-6789"
     doc = (Path(__file__).resolve().parents[2] / "docs" / "format.md").read_text()
     assert TOKEN in doc and WRAPPED.hex()[58:] in doc
-    )
 
 
 @pytest.mark.parametrize(
