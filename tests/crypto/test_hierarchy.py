@@ -32,6 +32,7 @@ class Sidecar:
     """One process's worth: its own store connection, providers and data key service."""
 
     def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
         pm = make_plugin_manager(entry_points=False)
         self.stores = build_stores(settings, pm)
         self.providers = build_providers(settings, pm, self.stores)
@@ -262,3 +263,39 @@ def test_hierarchy_config_errors_name_the_path(tmp_path: Path) -> None:
         build({"store": "main", "rotate_every": 5})
     with pytest.raises(ConfigError, match=r"keys.app.hierarchy.colour: Extra inputs"):
         build({"store": "main", "colour": "red"})
+
+
+async def test_store_outage_keeps_cached_branch_keys_serving(sidecar: SidecarFactory) -> None:
+    from sidecrypt.stores import StoreError
+
+    car = await sidecar()
+    token = await car.encrypt("kept")
+    await car.stores["main"].close()  # the store is gone from here on
+    car.keys.clear()  # no data key cached: the branch key must do
+    await asyncio.sleep(0.3)  # past refresh: revalidation fails, the cached version serves
+    assert await car.decrypt(token) == "kept"
+    assert await car.decrypt(await car.encrypt("new")) == "new"
+    assert car.hier().branch_stats["stale_active"] >= 1
+    cold = await sidecar()
+    await cold.stores["main"].close()
+    with pytest.raises(StoreError) as info:
+        await cold.decrypt(token)
+    assert info.value.status == 503 and info.value.retry_after > 0
+
+
+async def test_rewrap_moves_old_tokens_under_the_hierarchy(sidecar: SidecarFactory) -> None:
+    from sidecrypt import envelope, offline
+
+    before = await sidecar(with_hierarchy=False)
+    old = [await before.encrypt(f"v{i}") for i in range(3)]
+    after = await sidecar()
+    new = []
+    for token in old:
+        doc = json.dumps({"v": token}).encode()
+        out, moved = await offline.rewrap_document(
+            after.settings, doc, selectors=("$.v",), to_key="app"
+        )
+        assert [m[1:] for m in moved] == [("app", 1)]  # what protected it before
+        new.append(json.loads(out)["v"])
+    assert {envelope.parse(t).provider for t in new} == {"local.bk"}
+    assert [await after.decrypt(t) for t in new] == ["v0", "v1", "v2"]

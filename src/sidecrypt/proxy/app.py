@@ -29,7 +29,6 @@ from ..errors import (
     AccessDenied,
     AuditError,
     CryptoError,
-    KeyProviderError,
     RequestError,
     SidecryptError,
     UpstreamError,
@@ -67,7 +66,8 @@ def error_response(exc: SidecryptError, request_id: str | None = None) -> web.Re
     body = exc.to_json()
     if request_id:
         body["error"]["request_id"] = request_id
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, KeyProviderError) else None
+    retry = getattr(exc, "retry_after", None)  # key provider or store unavailable
+    headers = {"Retry-After": str(retry)} if isinstance(retry, int) else None
     return web.json_response(body, status=exc.status, headers=headers)
 
 

@@ -105,6 +105,11 @@ def open_data_key(
         ) from None
 
 
+def _outage(exc: SidecryptError) -> bool:
+    """A store or provider failure (503), not a refusal of this token or request."""
+    return not isinstance(exc, CryptoError | RequestError)
+
+
 class _Unwrapped:
     """One branch key version in memory; never in a repr."""
 
@@ -241,10 +246,14 @@ class HierarchicalProvider:
             return hit[0]
         try:
             row: BranchKeyRow = await self._single(("active", branch), lambda: self._load(branch))
-        except SidecryptError:
-            if hit is not None and now < hit[1] + self.outage_grace:
-                self.branch_stats["stale_active"] += 1
-                return hit[0]
+        except SidecryptError as exc:
+            # The store or provider fails: keep writing under the version we hold while its
+            # key is cached (and the provider's outage budget after that).
+            if _outage(exc) and hit is not None:
+                cached = self._keys.get((hit[0].branch_id, hit[0].version))
+                if cached is not None and now < cached.expires + self.outage_grace:
+                    self.branch_stats["stale_active"] += 1
+                    return hit[0]
             raise
         return row
 
@@ -299,8 +308,8 @@ class HierarchicalProvider:
             entry: _Unwrapped = await self._single(
                 ("key", branch_id, version), lambda: self._fetch(branch_id, version, hit)
             )
-        except KeyProviderError:
-            if hit is not None and now < hit.expires + self.outage_grace:
+        except SidecryptError as exc:
+            if _outage(exc) and hit is not None and now < hit.expires + self.outage_grace:
                 self.branch_stats["stale_hits"] += 1
                 return hit
             raise
