@@ -45,13 +45,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _preflight(settings: config.Settings) -> list[str]:
     """Everything that can fail before serving: certificates, key providers, plugin configs."""
-    from .plugin_manager import build_providers, make_plugin_manager
+    from .plugin_manager import build_providers, build_stores, make_plugin_manager
     from .proxy import tls
 
     if settings.listen.tls is not None:
         tls.server_context(settings.listen.tls, source=settings.source)
     tls.upstream_context(settings.upstream, source=settings.source)
     pm = make_plugin_manager()
+    build_stores(settings, pm)
     build_providers(settings, pm)
     notes: list[str] = []
     for batch in pm.hook.sidecrypt_check_config(settings=settings):
@@ -107,6 +108,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     if args.keys_verb == "list" and getattr(args, "config", None):
         return _list_configured_keys(args.config)
+    if args.keys_verb in ("rotate", "forget") and getattr(args, "config", None):
+        return _branch_keys_admin(args)
+    if args.keys_verb == "rotate" and not args.keyring:
+        raise ConfigError("keys rotate needs --keyring FILE or --config FILE")
     master = config.SecretRef(env=args.master_key_env).resolve() if args.master_key_env else None
     if args.keys_verb in ("create", "rotate"):
         if args.keys_verb == "create":
@@ -120,6 +125,30 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return _audit_key_admin(args.audit_config, f"key_{args.keys_verb}", info)
     else:
         _out(local_keys.list_keys(Path(args.keyring), master=master))
+    return 0
+
+
+def _branch_keys_admin(args: argparse.Namespace) -> int:
+    """``keys rotate|forget --config``: branch keys of configured keys (branch_admin.py)."""
+    from . import branch_admin
+    from .plugin_manager import make_plugin_manager
+    from .plugins.audit import record_events
+
+    settings = config.load(args.config)
+    if args.keys_verb == "rotate":
+        done = asyncio.run(branch_admin.rotate(settings, args.name, args.branch))
+    else:
+        done = asyncio.run(branch_admin.forget(settings, args.branch, args.key))
+    _out(done)
+    try:
+        found = branch_admin.events(f"branch_key_{args.keys_verb}", done)
+        asyncio.run(record_events(settings, make_plugin_manager(), found))
+    except SidecryptError as exc:
+        print(
+            f"sidecrypt: done, but the audit trail did not record it: {exc.message}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -228,6 +257,8 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for _, key, version in moved:
         counts[f"{key}:{version}"] = counts.get(f"{key}:{version}", 0) + 1
+    # What protected the input: provider, key, version and, under a hierarchy, branch id.
+    print(json.dumps({"protected_by": _protected_by(source)}), file=sys.stderr)
     print(json.dumps({"rewrapped": len(moved), "from": counts}), file=sys.stderr)
     return 0
 
@@ -247,6 +278,56 @@ def _progress_bar(total: int, width: int = 30) -> Callable[[int], None]:
             print(f"rewrap: {done}/{total} documents", file=sys.stderr)
 
     return show
+
+
+def _protected_by(source: bytes) -> dict[str, int]:
+    """Tokens in a JSON document by ``provider key:version[ branch=ID]`` (no decryption)."""
+    from .envelope import is_envelope, loads_json, parse
+
+    counts: dict[str, int] = {}
+    stack: list[Any] = [loads_json(source)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif is_envelope(node):
+            try:
+                env = parse(node)
+            except SidecryptError:
+                continue
+            label = f"{env.provider} {env.key_name}:{env.key_version}"
+            if env.provider.endswith(".bk"):
+                label += f" branch={env.wrapped[1:17].hex()}"
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    """Create or migrate the schema of every configured store (or those named)."""
+    from .plugin_manager import build_stores, make_plugin_manager
+
+    settings = config.load(args.config)
+    stores = build_stores(settings, make_plugin_manager())
+    unknown = sorted(set(args.store or ()) - set(stores))
+    if unknown:
+        raise ConfigError(f"no store named {unknown[0]!r}", file=settings.source, path="stores")
+
+    async def migrate_all() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, store in stores.items():
+            if args.store and name not in args.store:
+                continue
+            try:
+                done = await store.migrate()
+            finally:
+                await store.close()
+            out[name] = {f: {"from": a, "to": b} for f, (a, b) in done.items()}
+        return out
+
+    _out(asyncio.run(migrate_all()))
+    return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -304,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("create", "create a key"), ("rotate", "add a new key version")):
         p = ksub.add_parser(name, help=help_)
         _common(p)
-        p.add_argument("--keyring", required=True)
+        p.add_argument("--keyring", required=name == "create")
+        if name == "rotate":
+            p.add_argument("--config", "-c", help="rotate the branch key of a configured key")
+            p.add_argument("--branch", help="with --config: only this branch, e.g. tenant=acme")
         p.add_argument("--master-key-env", default=None, help="env var holding the master key")
         p.add_argument("name")
         if name == "create":
@@ -315,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="record this key administration in the audit trail of this config",
         )
         p.set_defaults(fn=cmd_keys)
+    p = ksub.add_parser("forget", help="destroy a branch's keys (crypto-shredding)")
+    _common(p)
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--branch", required=True, help="NAME=VALUE, e.g. tenant=acme")
+    p.add_argument("--key", help="only this configured key")
+    p.set_defaults(fn=cmd_keys)
     p = ksub.add_parser("list", help="list keys, versions and states")
     _common(p)
     where = p.add_mutually_exclusive_group(required=True)
@@ -340,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-key", required=True, help="the configured key to re-encrypt under")
     p.add_argument("--format", choices=("sc1", "esdk"), help="write as sc1 tokens or ESDK messages")
     p.add_argument("--jsonl", action="store_true", help="one document per line (progress bar)")
+
+    store = verb("store", lambda a: 2, "shared stores (branch keys, token vault)")
+    ssub = store.add_subparsers(dest="store_verb", required=True, metavar="VERB")
+    p = ssub.add_parser("migrate", help="create or migrate the stores' schema")
+    _common(p)
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--store", action="append", help="only this store (repeatable)")
+    p.set_defaults(fn=cmd_store_migrate)
 
     audit = verb("audit", lambda a: 2, "audit trail tools")
     asub = audit.add_subparsers(dest="audit_verb", required=True, metavar="VERB")

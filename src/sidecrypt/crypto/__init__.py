@@ -1,1 +1,2 @@
-"""Cryptographic formats and helpers that know no HTTP (see design.md's layout)."""
+"""Cryptographic formats and building blocks that know no HTTP: the AWS Encryption SDK message
+format (esdk/) and the key hierarchy of branch keys (hierarchy/)."""

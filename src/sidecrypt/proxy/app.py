@@ -32,7 +32,6 @@ from ..errors import (
     AccessDenied,
     AuditError,
     CryptoError,
-    KeyProviderError,
     RequestError,
     SidecryptError,
     UpstreamError,
@@ -40,7 +39,7 @@ from ..errors import (
 from ..events import AuditEvent, new_event
 from ..hookcall import DirectHook
 from ..keys import CacheLimits, DataKeyService
-from ..plugin_manager import build_providers
+from ..plugin_manager import build_providers, build_stores
 from ..transform import paths
 from . import admin, forward, tls
 from .fields import FieldCrypto
@@ -83,7 +82,8 @@ def error_response(exc: SidecryptError, request_id: str | None = None) -> web.Re
     body = exc.to_json()
     if request_id:
         body["error"]["request_id"] = request_id
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, KeyProviderError) else None
+    retry = getattr(exc, "retry_after", None)  # key provider or store unavailable
+    headers = {"Retry-After": str(retry)} if isinstance(retry, int) else None
     return web.json_response(body, status=exc.status, headers=headers)
 
 
@@ -605,7 +605,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
         # Bodies pass through as sent: a gzip upload stays gzip (decoded only on allow_gzip routes).
         handler_args={"max_field_size": settings.server.max_header_size, "auto_decompress": False},
     )
-    providers = build_providers(settings, pm)
+    stores = build_stores(settings, pm)
+    providers = build_providers(settings, pm, stores)
     limits = settings.data_keys
     keys = DataKeyService(
         providers,
@@ -615,6 +616,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
             max_bytes=limits.max_bytes,
             decrypt_entries=limits.decrypt_entries,
             decrypt_ttl=limits.decrypt_ttl,
+            decrypt_concurrency=limits.decrypt_concurrency,
         ),
         audit=lambda event: pm.hook.sidecrypt_audit(event=event),
     )
@@ -622,6 +624,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
     app[appkeys.SETTINGS] = settings
     app[appkeys.PLUGIN_MANAGER] = pm
     app[appkeys.KEYS] = keys
+    app[appkeys.STORES] = stores
     app[PROXY_KEY] = proxy
     app[appkeys.ADMIN] = admin.create_admin_app(app)
     app.cleanup_ctx.append(_lifespan)
@@ -642,7 +645,11 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     proxy = app[PROXY_KEY]
     settings = app[appkeys.SETTINGS]
     started = []
+    stores = []
     try:
+        for store in app[appkeys.STORES].values():  # before providers: branch keys live there
+            await store.start()
+            stores.append(store)
         for provider in proxy.keys.providers.values():
             await provider.start()
             started.append(provider)
@@ -658,3 +665,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
                 log.exception("closing key provider %s failed", provider.name)
         proxy.keys.clear()
         proxy.fields.esdk.clear()  # ESDK data keys cached beside the sc1 ones
+        for store in stores:
+            try:
+                await store.close()
+            except Exception:
+                log.exception("closing store %s failed", store.name)
