@@ -258,7 +258,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     for _, key, version in moved:
         counts[f"{key}:{version}"] = counts.get(f"{key}:{version}", 0) + 1
     # What protected the input: provider, key, version and, under a hierarchy, branch id.
-    print(json.dumps({"protected_by": _protected_by(source)}), file=sys.stderr)
+    print(json.dumps({"protected_by": _protected_by(docs)}), file=sys.stderr)
     print(json.dumps({"rewrapped": len(moved), "from": counts}), file=sys.stderr)
     return 0
 
@@ -280,12 +280,12 @@ def _progress_bar(total: int, width: int = 30) -> Callable[[int], None]:
     return show
 
 
-def _protected_by(source: bytes) -> dict[str, int]:
-    """Tokens in a JSON document by ``provider key:version[ branch=ID]`` (no decryption)."""
+def _protected_by(docs: list[bytes]) -> dict[str, int]:
+    """sc1 tokens in JSON documents by ``provider key:version[ branch=ID]`` (no decryption)."""
     from .envelope import is_envelope, loads_json, parse
 
     counts: dict[str, int] = {}
-    stack: list[Any] = [loads_json(source)]
+    stack: list[Any] = [loads_json(doc) for doc in docs]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
