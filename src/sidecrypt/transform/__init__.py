@@ -1,0 +1,1 @@
+"""Request and document transforms that know nothing of HTTP: key folding, guards."""
