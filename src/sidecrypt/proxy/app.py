@@ -40,6 +40,7 @@ from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers
 from . import admin, forward, tls
 from .fields import FieldCrypto
+from .form_body import BodyKind, FormCrypto, body_kind
 from .incoming import RequestView, base_request
 from .routes import CompiledRoute, Router
 from .upstream import UpstreamPool, UpstreamResponse
@@ -51,8 +52,6 @@ METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Overrid
 _OVERRIDE_1, _OVERRIDE_2, _OVERRIDE_3 = map(istr, METHOD_OVERRIDES)
 _REQUEST_ID = istr("X-Request-Id")
 JSON_TYPES = ("application/json",)
-# JSON whose values sit where no field selector looks (RFC 6902 puts them under "value").
-OPAQUE_JSON = frozenset({"application/json-patch+json"})
 SMALL_BODY = 256 * 1024  # bodies up to this size with a known length are sent in one write
 # CONNECT asks for a tunnel, TRACE echoes the request (credentials included) back: neither has a
 # place behind a field-encrypting proxy (nginx refuses TRACE too).
@@ -80,6 +79,7 @@ class Proxy:
         self.keys = keys
         self.router = Router(settings.routes, default_max_body=settings.server.max_body_size)
         self.fields = FieldCrypto(keys)
+        self.forms = FormCrypto(keys)
         self.base = URL(settings.upstream.url)
         # Host as RFC 9110 writes it: the scheme's default port left out, IPv6 in brackets.
         self.upstream_host = self.base.host_port_subcomponent or ""
@@ -153,14 +153,21 @@ class Proxy:
                 step = "context"
                 context = route.context(headers, params, request.query)
                 body: bytes | None = None
+                ctype: str | None = None
                 if route.needs_request_body:
                     step = "request_body"
-                    body = await self._read_request_json(request, route)
-                    if body is not None:
+                    read = await self._read_request_json(request, route)
+                    if read is not None:
                         step = "request_transform"
-                        body = await self._transform_request(request, route, body, context)
+                        body, kind = read
+                        if kind.kind == "json":
+                            body = await self._transform_request(request, route, body, context)
+                        else:
+                            body, ctype = await self._transform_form(
+                                request, route, kind, body, context
+                            )
                 step = "upstream"
-                response = await self._forward(request, route, context, body)
+                response = await self._forward(request, route, context, body, ctype)
         except SidecryptError as exc:
             self._log_failure(request, route, step, exc)
             response = error_response(exc, rid)
@@ -219,18 +226,16 @@ class Proxy:
             },
         )
 
-    async def _read_request_json(self, request: RequestView, route: CompiledRoute) -> bytes | None:
-        """The request body of a route that must transform it, or None when there is none."""
+    async def _read_request_json(
+        self, request: RequestView, route: CompiledRoute
+    ) -> tuple[bytes, BodyKind] | None:
+        """The request body of a route that must transform it and its kind (JSON or a form;
+        anything else is refused: form_body.py), or None when there is none."""
         if not request.body_exists:
             return None
         if request.content_length is not None and request.content_length > route.max_body_size:
             raise forward.too_large("request body", route.max_body_size)
-        if not is_json(request.content_type) or request.content_type in OPAQUE_JSON:
-            raise RequestError(
-                "this route encrypts JSON fields: send Content-Type: application/json",
-                status=415,
-                code="unsupported_media_type",
-            )
+        kind = body_kind(request, route)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         gzipped = encoding == "gzip" and route.allow_gzip
         if encoding not in ("", "identity") and not gzipped:
@@ -242,7 +247,17 @@ class Proxy:
         limit = route.max_body_size
         body = await self._read_whole(request.content, limit)
         # A decoded body goes upstream without Content-Encoding (transformed bodies drop it).
-        return forward.gunzip_limited(body, limit, what="request body") if gzipped else body
+        if gzipped:
+            body = forward.gunzip_limited(body, limit, what="request body")
+        return body, kind
+
+    async def _transform_form(
+        self, request: RequestView, route: CompiledRoute, kind: BodyKind, body: bytes, context: Any
+    ) -> tuple[bytes, str | None]:
+        """A form body's protected fields encrypted; its new Content-Type if that changes."""
+        body, ctype, labels = await self.forms.encrypt_body(kind, body, route, context)
+        self._field_event("encrypt_fields", request, route, context, labels)
+        return body, ctype
 
     async def _transform_request(
         self, request: RequestView, route: CompiledRoute, body: bytes, context: Any
@@ -297,6 +312,7 @@ class Proxy:
         route: CompiledRoute | None,
         context: Any,
         body: bytes | None,
+        content_type: str | None = None,
     ) -> web.StreamResponse:
         assert self.pool is not None
         transformed = body is not None
@@ -309,6 +325,9 @@ class Proxy:
             identity_encoding=wants_response,
             drop=self.drop_headers,
         )
+        if content_type is not None:  # a re-serialised multipart body has a new boundary
+            headers = [h for h in headers if h[0].lower() != "content-type"]
+            headers.append(("Content-Type", content_type))
         data: Any
         if transformed:
             data = body
