@@ -11,6 +11,7 @@ decrypts request fields takes JSON only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,7 +54,7 @@ Kind = Literal["json", "urlencoded", "multipart"]
 @dataclass(frozen=True, slots=True)
 class BodyKind:
     kind: Kind
-    params: dict[str, str]
+    params: Mapping[str, str]
 
 
 def body_kind(request: RequestView, route: CompiledRoute) -> BodyKind:

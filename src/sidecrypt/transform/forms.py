@@ -19,8 +19,10 @@ puts the tokens in.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from types import MappingProxyType
 from urllib.parse import quote, unquote_plus
 
 from ..errors import RequestError
@@ -55,11 +57,13 @@ class UnprotectedFormField(RequestError):
     code = "unprotected_field"
 
 
-def parse_media_type(raw: str) -> tuple[str, dict[str, str]]:
+@lru_cache(maxsize=256)
+def parse_media_type(raw: str) -> tuple[str, Mapping[str, str]]:
     """``type/subtype`` (lower case) and its parameters, strictly (RFC 9110 8.3.1).
 
     A parameter given twice, an extended (``name*``) parameter or anything that is not a
-    token or quoted string is refused: parsers differ on which one they keep.
+    token or quoted string is refused: parsers differ on which one they keep. Memoised (a
+    route sees a handful of distinct types), so the parameters are read-only.
     """
     text = raw.strip(" \t")
     slash = text.find("/")
@@ -86,10 +90,10 @@ def parse_media_type(raw: str) -> tuple[str, dict[str, str]]:
             )
         params[name] = value
         pos = p.end()
-    return mime, params
+    return mime, MappingProxyType(params)
 
 
-def check_charset(params: dict[str, str], what: str) -> None:
+def check_charset(params: Mapping[str, str], what: str) -> None:
     charset = params.get("charset")
     if charset is not None and charset.lower() not in _UTF8:
         raise UnsupportedForm(f"{what} must be UTF-8 on a route that encrypts fields")

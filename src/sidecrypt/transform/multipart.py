@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -51,7 +51,7 @@ class Part:
     content: bytes
 
 
-def boundary_of(params: dict[str, str]) -> str:
+def boundary_of(params: Mapping[str, str]) -> str:
     boundary = params.get("boundary")
     if boundary is None or not _BOUNDARY.fullmatch(boundary):
         raise AmbiguousForm("multipart/form-data needs one valid boundary parameter")
