@@ -232,6 +232,7 @@ class FieldCrypto:
         context: keys.Context,
         *,
         decide: Decide | None = None,
+        refuse_duplicates: bool = False,
     ) -> tuple[bytes, list[str], list[tuple[str, str]]]:
         """Decrypt tokens at the selected slots.
 
@@ -240,8 +241,11 @@ class FieldCrypto:
         ``error`` (undecryptable, left as is under ``on_decrypt_error: ciphertext``).
         Values that are not tokens (rows stored before encryption was on) stay as they are,
         but the policy still applies to them: mask and ciphertext outcomes mask them.
+        ``refuse_duplicates`` (request bodies): a repeated key is the client's 400.
         """
         doc = _parse(body)
+        if refuse_duplicates:
+            check_duplicates(body, doc)
         slots = _collect(doc, specs, encrypting=False)
         if not slots:
             return body, [], []

@@ -35,8 +35,12 @@ class DuplicateKeyError(RequestError):
 def _serialised_colons(doc: Any) -> int:
     try:
         return orjson.dumps(doc).count(b":")
-    except TypeError:  # integers beyond 64 bits: the stdlib does not escape ':' either
+    except TypeError:  # big integers, or nesting past orjson's 255: the stdlib then
+        pass
+    try:
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).count(":")
+    except RecursionError:
+        raise RequestError("the JSON body is nested too deeply", code="malformed_json") from None
 
 
 def check_duplicates(body: bytes, doc: Any) -> None:
@@ -44,7 +48,7 @@ def check_duplicates(body: bytes, doc: Any) -> None:
     colons = body.count(b":")
     if not colons:
         return
-    if b"\\u003" in body and _COLON_ESCAPE.search(body):
+    if b"\\" in body and _COLON_ESCAPE.search(body):  # one byte: memchr, then the regex
         _exact(body)
     elif colons != _serialised_colons(doc):
         raise DuplicateKeyError(

@@ -148,6 +148,7 @@ class GuardPlan:
             if rule is not None:
                 rules.setdefault(rule.names[-1], []).append(rule)
         self._rules = {name: tuple(found) for name, found in rules.items()}
+        self._shapes: dict[tuple[Any, ...], _ObjectPlan] = {}
 
     def __bool__(self) -> bool:
         return bool(self._rules)
@@ -158,7 +159,7 @@ class GuardPlan:
         Raises AmbiguousKeyError or UnprotectedFieldError (see the module docstring).
         """
         out: list[Slot] = []
-        for container, key, value, path, rule, canon, through in self._hits(doc):
+        for container, key, value, path, rule, canon, through, exact in self._hits(doc):
             if canon is None or through:
                 if not all_tokens(value):
                     raise UnprotectedFieldError(
@@ -168,7 +169,7 @@ class GuardPlan:
                         code="unprotected_field",
                     )
                 continue
-            exact = tuple(path) == canon  # _collect finds it under the selector's own name
+            # exact: _collect finds it under the selector's own name
             if rule.tail is None:
                 if not exact:
                     out.append((container, key, rule.bind_as or label(canon), rule.index))
@@ -187,7 +188,7 @@ class GuardPlan:
 
     def check_outgoing(self, doc: Any) -> None:
         """The last check before a body leaves: raise PlaintextGuardError naming the path."""
-        for _, _, value, path, rule, canon, through in self._hits(doc):
+        for _, _, value, path, rule, canon, through, _ in self._hits(doc):
             if canon is None or through or rule.tail is None:
                 ok = is_envelope(value) if canon is not None and not through else all_tokens(value)
             else:
@@ -199,60 +200,107 @@ class GuardPlan:
                     "the body was not sent"
                 )
 
-    def _hits(
-        self, doc: Any
-    ) -> list[tuple[Any, Any, Any, list[Part], _Rule, tuple[Part, ...] | None, bool]]:
+    def _hits(self, doc: Any) -> list[_Hit]:
         """Members whose folded chain meets a rule; their values are not walked further.
 
         Each hit: (container, key, value, concrete path, rule, canonical path or None for
-        drift, whether the rule is met inside a split key so the value is within the field).
+        drift, whether the rule is met inside a split key so the value is within the field,
+        whether the concrete path is the canonical one). What an object's keys mean depends
+        only on them and on the chain above, so it is worked out once per shape (memoised).
         """
-        rules = self._rules
-        hits = []
+        shapes = self._shapes
+        hits: list[_Hit] = []
         # (node, folded chain, label parts, concrete path)
         stack: list[tuple[Any, tuple[Part, ...], tuple[Part, ...], tuple[Part, ...]]] = [
             (doc, (), (), ())
         ]
         while stack:
             node, chain, raw, path = stack.pop()
-            if isinstance(node, list):
+            if type(node) is list:
                 for i, child in enumerate(node):
                     if isinstance(child, (dict, list)):
                         stack.append((child, (*chain, i), (*raw, i), (*path, i)))
                 continue
-            if not isinstance(node, dict):
+            if type(node) is not dict:
                 continue
-            plain = True
-            for key, child in node.items():
-                folded = cached_fold(key)
-                if folded is not key and folded != key:
-                    plain = False
-                if "." in folded or "[" in folded or "]" in folded:
-                    parts = _split(folded)
-                    names: tuple[Part, ...] = parts
-                else:
-                    parts = (folded,)
-                    names = (key,)
-                hit = None
-                for n, part in enumerate(parts):
-                    if part in rules:
-                        end = n + 1
-                        hit = _match(rules[part], (*chain, *parts[:end]), (*raw, *names[:end]))
-                        if hit is not None:
-                            through = end < len(parts)
-                            hits.append((node, key, child, [*path, key], *hit, through))
-                            break
-                if hit is None and isinstance(child, (dict, list)):
-                    stack.append((child, (*chain, *parts), (*raw, *names), (*path, key)))
-            if not plain:
-                seen = {cached_fold(k) for k in node}
-                if len(seen) != len(node):
-                    raise AmbiguousKeyError(
-                        f"two keys of the object at {_short(path)} differ only in case, width, "
-                        "invisible characters or surrounding space; send each key once",
-                        code="ambiguous_key",
-                    )
+            shape = (chain, raw, tuple(node))
+            plan = shapes.get(shape)
+            if plan is None:
+                plan = self._object_plan(node, chain, raw, path)
+                if len(shapes) >= _SHAPES_MAX:
+                    shapes.clear()
+                if len(node) <= 64 and len(chain) <= 8:
+                    shapes[shape] = plan
+            found, rest = plan
+            for key, rule, canon, through, exact in found:
+                hits.append((node, key, node[key], (*path, key), rule, canon, through, exact))
+            if rest and not _FLAT.issuperset(map(type, node.values())):
+                for key, more, more_raw in rest:
+                    child = node[key]
+                    if isinstance(child, (dict, list)):
+                        stack.append((child, (*chain, *more), (*raw, *more_raw), (*path, key)))
         return hits
+
+    def _object_plan(
+        self, node: dict[str, Any], chain: tuple[Part, ...], raw: tuple[Part, ...], path: Any
+    ) -> _ObjectPlan:
+        """Which keys of an object meet a rule, and how to walk the others."""
+        rules = self._rules
+        found: list[tuple[str, _Rule, tuple[Part, ...] | None, bool, bool]] = []
+        rest: list[tuple[str, tuple[Part, ...], tuple[Part, ...]]] = []
+        plain = True
+        for key in node:
+            info = _KEYS.get(key) or _key_info(key)
+            plain = plain and not info[2]
+            parts: tuple[str, ...] = info[1] or (info[0],)
+            labels: tuple[Part, ...] = parts if info[1] else (key,)
+            for n, part in enumerate(parts):
+                if part in rules:
+                    end = n + 1
+                    sub, sub_raw = (*chain, *parts[:end]), (*raw, *labels[:end])
+                    hit = self._match(part, sub, sub_raw)
+                    if hit is not None:
+                        rule, canon = hit
+                        exact = canon is not None and (*path, key) == canon
+                        found.append((key, rule, canon, end < len(parts), exact))
+                        break
+            else:
+                rest.append((key, parts, labels))
+        if not plain and len({cached_fold(k) for k in node}) != len(node):
+            raise AmbiguousKeyError(
+                f"two keys of the object at {_short(path)} differ only in case, width, "
+                "invisible characters or surrounding space; send each key once",
+                code="ambiguous_key",
+            )
+        return tuple(found), tuple(rest)
+
+    def _match(
+        self, name: str, chain: tuple[Part, ...], raw: tuple[Part, ...]
+    ) -> tuple[_Rule, tuple[Part, ...] | None] | None:
+        """The first rule that reaches ``chain`` structurally, else the first that drifts to it."""
+        return _match(self._rules[name], chain, raw)
+
+
+# key -> (folded, its member chain when it holds '.', '[' or ']' else None, folds differently)
+KeyInfo = tuple[str, "tuple[str, ...] | None", bool]
+_KEYS: dict[str, KeyInfo] = {}
+_KEYS_MAX = 8192
+_Hit = tuple[Any, Any, Any, tuple[Part, ...], _Rule, "tuple[Part, ...] | None", bool, bool]
+_ObjectPlan = tuple[
+    tuple[tuple[str, _Rule, "tuple[Part, ...] | None", bool, bool], ...],
+    tuple[tuple[str, tuple[Part, ...], tuple[Part, ...]], ...],
+]
+_SHAPES_MAX = 2048
+_FLAT = frozenset((str, int, float, bool, type(None)))
+
+
+def _key_info(key: str) -> KeyInfo:
+    folded = cached_fold(key)
+    parts = _split(folded) if ("." in folded or "[" in folded or "]" in folded) else None
+    info = (folded, parts, folded != key)
+    if len(key) <= 64 and len(_KEYS) < _KEYS_MAX:
+        _KEYS[key] = info
+    return info
 
 
 def _match(
