@@ -78,7 +78,8 @@ def _short(path: Sequence[Part]) -> str:
 
 
 def _split(folded: str) -> tuple[str, ...]:
-    return tuple(p for p in _SPLIT.split(folded) if p) or (folded,)
+    """``a.b``, ``a[b]``, ``a[0][b]`` -> its members, each folded (``a. b`` is ``a.b``)."""
+    return tuple(p for p in map(cached_fold, _SPLIT.split(folded)) if p) or (folded,)
 
 
 def all_tokens(value: Any) -> bool:
