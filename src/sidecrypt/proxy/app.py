@@ -265,7 +265,7 @@ class Proxy:
         if route.request_decrypt:
             try:
                 body, labels, _ = await self.fields.decrypt_body(
-                    body, route, route.request_decrypt, context
+                    body, route, route.request_decrypt, context, refuse_duplicates=True
                 )
             except CryptoError as exc:  # the client sent a token we cannot open: its mistake
                 raise RequestError(exc.message, status=400, code=exc.code) from None

@@ -58,3 +58,24 @@ def fold_key(name: str) -> str:
 def is_folded(name: str) -> bool:
     """True when ``name`` is already its own fold (cheap for plain lowercase ASCII keys)."""
     return fold_key(name) == name
+
+
+_CACHE: dict[str, str] = {}
+_CACHE_MAX = 8192
+_CACHE_KEY_MAX = 64
+
+
+def cached_fold(name: str) -> str:
+    """fold_key with a bounded memo: the same few keys arrive on every request.
+
+    A plain lowercase ASCII key folds to itself and is returned as the same object. Only keys
+    up to 64 characters are kept, at most 8192 of them, so a client cannot grow the memo.
+    """
+    folded = _CACHE.get(name)
+    if folded is None:
+        folded = fold_key(name)
+        if folded == name:
+            folded = name
+        if len(name) <= _CACHE_KEY_MAX and len(_CACHE) < _CACHE_MAX:
+            _CACHE[name] = folded
+    return folded
