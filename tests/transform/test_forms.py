@@ -24,7 +24,15 @@ from sidecrypt.transform.forms import (
 from sidecrypt.transform.multipart import MAX_PARTS, rebuild_multipart, scan_multipart
 
 SPECS = compile_fields(
-    ["$.ssn", "$.card.number", "$.contacts[*].phone", "$..secret", "$.card_number", "$.first[0]"]
+    [
+        "$.ssn",
+        "$.card.number",
+        "$.contacts[*].phone",
+        "$..secret",
+        "$.card_number",
+        "$.first[0]",
+        "$.tags[*]",
+    ]
 )
 RULES = NameRules(SPECS)
 WHOLE = compile_fields(["$.card"])
@@ -52,7 +60,10 @@ WHOLE = compile_fields(["$.card"])
         ("card number", "$.card_number"),  # PHP: spaces and dots become "_"
         ("card[number", "$.card_number"),  # PHP: a lone "[" too
         ("first[]", "$.first[*]"),
+        ("first", "$.first[*]"),  # first=a&first=b is a list to qs, Rack, Go, Python
+        ("tags", "$.tags[*]"),
         ("first[0]", "$.first[*]"),
+        ("first[1]", "$.first[*]"),  # qs compacts: first[1]=x alone is first[0]
     ],
 )
 def test_protected_names_are_encrypted_under_the_json_label(name: str, label: str) -> None:
@@ -60,12 +71,24 @@ def test_protected_names_are_encrypted_under_the_json_label(name: str, label: st
     assert RULES.classify(name)[::2] == ("encrypt", label)
 
 
-@pytest.mark.parametrize("name", ["name", "number", "card", "ssnx", "first[1]", "contacts"])
+@pytest.mark.parametrize("name", ["name", "number", "card", "ssnx", "firsts", "contacts", "tag"])
 def test_other_names_pass(name: str) -> None:
     assert RULES.classify(name) is None
 
 
-@pytest.mark.parametrize("name", ["user[ssn]", "x[card][number]", "a.ssn", "[ssn]"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "user[ssn]",
+        "x[card][number]",
+        "a.ssn",
+        "[ssn]",
+        "x[tags]",
+        "first[x]",
+        "x[tags][y]",
+        "contacts[phone]",
+    ],
+)
 def test_a_protected_name_out_of_place_is_drift(name: str) -> None:
     assert RULES.classify(name) is not None and RULES.classify(name)[0] == "drift"
 

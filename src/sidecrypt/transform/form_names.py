@@ -10,7 +10,8 @@ common parser reads it, and it is protected when *any* reading reaches a request
   ``card.number``, ``contacts[0].phone``;
 * PHP's mangling of the top-level name (spaces and dots become ``_``): ``card.number`` is
   ``card_number`` to PHP;
-* the same after folding the whole name first (a fullwidth dot folds to ``.``).
+* the same after folding the whole name first (a fullwidth dot folds to ``.``);
+* a repeated plain name as a list: ``tags=a&tags=b`` reaches ``$.tags[*]``.
 
 Names are compared by :func:`~sidecrypt.transform.fold.fold_key`, part by part. Latin-1
 readings of non-ASCII names are added (parsers that ignore the charset).
@@ -19,8 +20,9 @@ Outcomes (:func:`classify`): ``encrypt`` with the label the JSON field of that p
 selector's spelling, indices as ``[*]``, or the rule's ``bind_as``), so a token posted in a
 form opens where the app later returns it as JSON; ``whole`` when a rule selects a container
 the name lies inside (a form cannot carry the container as one value: refused); ``drift``
-when the rule's names appear in order along the name and it ends with the rule's last name,
-but no reading matches the rule's structure (the app may bind it anyway: refused).
+when the rule's names appear in order along the name and it ends with the rule's last name
+(for ``$.tags[*]`` that is ``tags``), but no reading matches the rule's structure (the app may
+bind it anyway: refused). The same rule as the JSON guard's (transform/guard.py).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class _Rule:
     steps: tuple[tuple[str, Any], ...]  # MEMBER and DESCEND names folded
     canon: tuple[Any, ...]  # the selector's own arguments (its spelling, for labels)
     names: tuple[str, ...]  # folded MEMBER/DESCEND names in order (the drift rule)
-    named_last: bool
+    named_last: bool  # the drift rule applies (the selector names a member)
     bind_as: str | None
 
 
@@ -72,7 +74,7 @@ class NameRules:
                     steps,
                     tuple(a for _, a in spec.selector.steps),
                     names,
-                    steps[-1][0] in (MEMBER, DESCEND),
+                    bool(names),
                     spec.bind_as,
                 )
             )
@@ -94,7 +96,8 @@ class NameRules:
         if whole is not None:
             return whole
         for rule in self.rules:
-            if rule.named_last and any(_drifts(rule.names, r) for r in _split_readings(name)):
+            tail = rule.steps[-1][0] in (INDEX, WILD)
+            if rule.named_last and any(_drifts(rule.names, r, tail) for r in _split_readings(name)):
                 return ("drift", rule.index, rule.text)
         return None
 
@@ -165,8 +168,9 @@ def _split_readings(name: str) -> list[tuple[str, ...]]:
     return out
 
 
-def _drifts(names: tuple[str, ...], parts: tuple[str, ...]) -> bool:
-    if not names or not parts or parts[-1] != names[-1]:
+def _drifts(names: tuple[str, ...], parts: tuple[str, ...], tail: bool) -> bool:
+    """The names in order along ``parts``, ending there (or, with a tail, anywhere after)."""
+    if not names or not parts or (not tail and parts[-1] != names[-1]):
         return False
     it = iter(parts)
     return all(any(p == n for p in it) for n in names)
@@ -192,6 +196,10 @@ def _match(
     if i == len(steps):
         return ("exact", path) if j == len(raw) else ("whole", path)
     if j == len(raw):
+        # ``tags=a&tags=b`` is the list ``tags`` to most parsers: each value is an element.
+        rest = len(steps) - i
+        if i and all(k in (INDEX, WILD) for k, _ in steps[i:]):
+            return ("exact", (*path, *(0,) * rest))
         return None
     kind, arg = steps[i]
     part = folded[j]
@@ -199,9 +207,8 @@ def _match(
         if part != arg:
             return None
         return _match(rule, folded, raw, i + 1, j + 1, (*path, rule.canon[i]))
-    if kind == INDEX:
-        n = _index(part)
-        if n is None or (part != "" and n != arg):
+    if kind == INDEX:  # any index: qs compacts sparse arrays (a[1]=x alone is a[0])
+        if _index(part) is None:
             return None
         return _match(rule, folded, raw, i + 1, j + 1, (*path, 0))
     if kind == WILD:
