@@ -282,3 +282,28 @@ async def test_unprotected_paths_still_pass_forms_untouched(setup: Setup) -> Non
     ) as resp:
         assert resp.status == 200
     assert up.seen[-1].body == body.encode()
+
+
+@pytest.mark.parametrize(
+    ("form", "status"),
+    [
+        (f"_method=DELETE&ssn={CANARY}", 400),  # no route protects DELETE here
+        (mp(("_Method", "delete"), ("ssn", CANARY)), 400),
+        (f"_method=put&ssn={CANARY}", 200),  # the same rules: encrypted as usual
+    ],
+)
+async def test_a_method_override_field_must_keep_the_rules(
+    setup: Setup, form: Any, status: int
+) -> None:
+    """Rails, Laravel and Symfony route a form by its _method field."""
+    proxy, up, client, _ = setup
+    ctype, body = (URLE, form) if isinstance(form, str) else form
+    async with client.post(
+        f"{proxy.url}/users/1", data=body, headers={"Content-Type": ctype}
+    ) as resp:
+        text = await resp.text()
+        assert resp.status == status, text
+    if status == 400:
+        assert json.loads(text)["error"]["code"] == "method_override"
+        assert up.seen == []
+    assert CANARY.encode() not in up.all_bytes()

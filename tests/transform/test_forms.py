@@ -110,7 +110,7 @@ def test_bind_as_gives_the_label() -> None:
 
 def test_urlencoded_reads_like_parse_qsl_and_rebuilds_untouched_pairs_byte_for_byte() -> None:
     body = b"name=Ada+L%C3%B6w&ssn=123-45+6789&&card%5Bnumber%5D=4111%201111&empty=&bare&n=%2B1"
-    pairs, found = scan_urlencoded(body, RULES, SPECS)
+    pairs, found, _ = scan_urlencoded(body, RULES, SPECS)
     assert [(p.label, p.value) for p in found] == [
         ("$.ssn", "123-45 6789"),
         ("$.card.number", "4111 1111"),
@@ -129,7 +129,7 @@ def test_urlencoded_reads_like_parse_qsl_and_rebuilds_untouched_pairs_byte_for_b
 
 
 def test_every_occurrence_of_a_repeated_protected_name_is_encrypted() -> None:
-    _, found = scan_urlencoded(
+    _, found, _ = scan_urlencoded(
         b"ssn=1&SSN=2&ssn=3&contacts[][phone]=4&contacts[][phone]=5", RULES, SPECS
     )
     assert [p.value for p in found] == ["1", "2", "3", "4", "5"]
@@ -228,7 +228,7 @@ def test_multipart_text_fields_are_encrypted_and_the_body_rebuilt() -> None:
         b'Content-Disposition: form-data; name="doc"; filename="a.txt"\r\n'
         b"Content-Type: application/octet-stream\r\n\r\n\x00\xffbinary-XyZ",
     )
-    parts, found = scan_multipart(body, B, RULES, SPECS)
+    parts, found, _ = scan_multipart(body, B, RULES, SPECS)
     assert [(p.label, p.value) for p in found] == [("$.card.number", "4111\r\n1111")]
     out, ctype = rebuild_multipart(parts, found, ["TOKEN"])
     assert B not in ctype and ctype.startswith("multipart/form-data; boundary=")
@@ -284,7 +284,7 @@ def test_multipart_bounds_and_percent_encoded_names() -> None:
     with pytest.raises(RequestError) as err:
         scan_multipart(multipart(*[part("a", b"1")] * (MAX_PARTS + 1)), B, RULES, SPECS)
     assert err.value.status == 413
-    _, found = scan_multipart(multipart(part("card%5Bnumber%5D", b"1")), B, RULES, SPECS)
+    _, found, _ = scan_multipart(multipart(part("card%5Bnumber%5D", b"1")), B, RULES, SPECS)
     assert [p.label for p in found] == ["$.card.number"]
     with pytest.raises(AmbiguousForm):
         scan_multipart(multipart(part("ssn", b"1")), "other", RULES, SPECS)

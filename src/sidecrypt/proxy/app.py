@@ -255,7 +255,14 @@ class Proxy:
         self, request: RequestView, route: CompiledRoute, kind: BodyKind, body: bytes, context: Any
     ) -> tuple[bytes, str | None]:
         """A form body's protected fields encrypted; its new Content-Type if that changes."""
-        body, ctype, labels = await self.forms.encrypt_body(kind, body, route, context)
+        body, ctype, labels, overrides = await self.forms.encrypt_body(kind, body, route, context)
+        for value in overrides:  # Rails, Laravel, Symfony route a form by its _method field
+            other = self.router.match(value.strip(), request.path)
+            if (other and other[0]) is not route:
+                raise RequestError(
+                    "a _method form field would select other field rules than the request method",
+                    code="method_override",
+                )
         self._field_event("encrypt_fields", request, route, context, labels)
         return body, ctype
 

@@ -97,29 +97,30 @@ class FormCrypto:
 
     async def encrypt_body(
         self, kind: BodyKind, body: bytes, route: CompiledRoute, context: Context
-    ) -> tuple[bytes, str | None, list[str]]:
-        """The new body, its new Content-Type (None: unchanged) and the labels encrypted."""
+    ) -> tuple[bytes, str | None, list[str], list[str]]:
+        """The new body, its new Content-Type (None: unchanged), the labels encrypted and the
+        values of any ``_method`` field (for the caller's override check)."""
         rules = self.rules(route)
         specs = route.request_encrypt
         ctype: str | None = None
         if kind.kind == "urlencoded":
-            pairs, found = scan_urlencoded(body, rules, specs)
-            if not found:
-                return body, None, []
-            tokens = await self._seal(found, route, context)
-            out = rebuild_urlencoded(pairs, found, tokens)
-            again = scan_urlencoded(out, rules, specs)[1]
+            scan = scan_urlencoded(body, rules, specs)
+            if not scan.found:
+                return body, None, [], scan.overrides
+            tokens = await self._seal(scan.found, route, context)
+            out = rebuild_urlencoded(scan.items, scan.found, tokens)
+            again = scan_urlencoded(out, rules, specs).found
         else:
-            parts, found = scan_multipart(body, boundary_of(kind.params), rules, specs)
-            tokens = await self._seal(found, route, context)
-            out, ctype = rebuild_multipart(parts, found, tokens)
-            again = scan_multipart(out, boundary_of(parse_media_type(ctype)[1]), rules, specs)[1]
+            scan = scan_multipart(body, boundary_of(kind.params), rules, specs)
+            tokens = await self._seal(scan.found, route, context)
+            out, ctype = rebuild_multipart(scan.items, scan.found, tokens)
+            again = scan_multipart(out, boundary_of(parse_media_type(ctype)[1]), rules, specs).found
         # The plaintext guard, for forms: read the outgoing body as the app will.
-        if len(again) != len(found) or not all(is_envelope(p.value) for p in again):
+        if len(again) != len(scan.found) or not all(is_envelope(p.value) for p in again):
             raise PlaintextGuardError(
                 "plaintext guard: a protected form field is not encrypted; the body was not sent"
             )
-        return out, ctype, [p.label for p in found]
+        return out, ctype, [p.label for p in scan.found], scan.overrides
 
     async def _seal(
         self, found: list[Protected], route: CompiledRoute, context: Context

@@ -23,9 +23,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote_plus
 
 from ..errors import RequestError
+from .fold import fold_key
 from .form_names import NameRules
 
 MAX_FIELDS = 1000  # qs and body-parser stop at 1000 parameters
@@ -109,6 +111,18 @@ class Protected:
     value: str
 
 
+class Scan(NamedTuple):
+    """A form read: its pairs or parts as sent, the values to encrypt, and the values of any
+    ``_method`` field (Rails, Laravel and Symfony route by it: the caller checks them)."""
+
+    items: list[Any]
+    found: list[Protected]
+    overrides: list[str]
+
+
+OVERRIDE_FIELD = "_method"
+
+
 def check_outcome(rules: NameRules, name: str) -> tuple[int, str] | None:
     """(rule index, label) to encrypt ``name`` under, None if unprotected; refuses the rest."""
     outcome = rules.classify(name)
@@ -145,9 +159,7 @@ def _decode(raw: str) -> str:
         raise AmbiguousForm("a form field is not UTF-8") from None
 
 
-def scan_urlencoded(
-    body: bytes, rules: NameRules, specs: Sequence[object]
-) -> tuple[list[str], list[Protected]]:
+def scan_urlencoded(body: bytes, rules: NameRules, specs: Sequence[object]) -> Scan:
     """The body's pairs (as sent) and the values to encrypt; refuses what parsers disagree on."""
     if b";" in body:
         raise AmbiguousForm("';' separates form fields for some parsers: encode it as %3B")
@@ -161,6 +173,7 @@ def scan_urlencoded(
             f"more than {MAX_FIELDS} form fields", status=413, code="too_many_fields"
         )
     found: list[Protected] = []
+    overrides: list[str] = []
     for i, pair in enumerate(pairs):
         if not pair:
             continue
@@ -169,11 +182,13 @@ def scan_urlencoded(
         value = _decode(raw_value)
         if (name == "_charset_" or name == "utf8") and value.lower() not in ("utf-8", "✓"):
             raise UnsupportedForm("the form names a charset other than UTF-8")
+        if fold_key(name) == OVERRIDE_FIELD:
+            overrides.append(value)
         hit = check_outcome(rules, name)
         if hit is not None:
             found.append(Protected(i, hit[1], hit[0], value))
     check_required(specs, found)
-    return pairs, found
+    return Scan(pairs, found, overrides)
 
 
 def rebuild_urlencoded(

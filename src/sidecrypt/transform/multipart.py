@@ -26,10 +26,13 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from ..errors import RequestError
+from .fold import fold_key
 from .form_names import NameRules
 from .forms import (
+    OVERRIDE_FIELD,
     AmbiguousForm,
     Protected,
+    Scan,
     UnsupportedForm,
     check_outcome,
     check_required,
@@ -124,12 +127,11 @@ def _check_type(ctype: str | None, protected: bool) -> None:
         raise UnsupportedForm("a multipart text part in a charset other than UTF-8")
 
 
-def scan_multipart(
-    body: bytes, boundary: str, rules: NameRules, specs: Sequence[object]
-) -> tuple[list[Part], list[Protected]]:
+def scan_multipart(body: bytes, boundary: str, rules: NameRules, specs: Sequence[object]) -> Scan:
     """The parts as sent and the values to encrypt; refuses what parsers could disagree on."""
     parts: list[Part] = []
     found: list[Protected] = []
+    overrides: list[str] = []
     for i, raw in enumerate(_split(body, boundary)):
         head, sep, content = raw.partition(b"\r\n\r\n")
         if not sep or not head:
@@ -147,6 +149,8 @@ def scan_multipart(
         parts.append(Part(head, content))
         if name in _CHARSET_FIELDS and content.strip().lower() not in _UTF8_VALUES:
             raise UnsupportedForm("the form names a charset other than UTF-8")
+        if fold_key(name) == OVERRIDE_FIELD:
+            overrides.append(content.decode("utf-8", "replace"))
         if hit is None:
             continue
         if filename is not None:
@@ -157,7 +161,7 @@ def scan_multipart(
             raise AmbiguousForm("a protected multipart field is not UTF-8") from None
         found.append(Protected(i, hit[1], hit[0], value))
     check_required(specs, found)
-    return parts, found
+    return Scan(parts, found, overrides)
 
 
 def rebuild_multipart(
