@@ -307,3 +307,25 @@ async def test_a_method_override_field_must_keep_the_rules(
         assert json.loads(text)["error"]["code"] == "method_override"
         assert up.seen == []
     assert CANARY.encode() not in up.all_bytes()
+
+
+@pytest.mark.parametrize(
+    "query", [f"ssn={CANARY}", f"SSN={CANARY}", f"card[number]={CANARY}", f"a=1;ssn={CANARY}"]
+)
+@pytest.mark.parametrize("method", ["POST", "GET"])
+async def test_a_protected_field_in_the_query_is_refused(
+    setup: Setup, query: str, method: str
+) -> None:
+    """PHP's $_REQUEST, Rails params, Spring and ASP.NET bind query parameters as fields."""
+    proxy, up, client, _ = setup
+    async with client.request(
+        method, f"{proxy.url}/users/1?{query}", json={"name": "a"} if method == "POST" else None
+    ) as resp:
+        text = await resp.text()
+        assert resp.status == 400, text
+    assert json.loads(text)["error"]["code"] == "protected_field_in_query"
+    assert CANARY not in text
+    assert up.seen == []
+    async with client.post(f"{proxy.url}/users/1?name=ssn", json={"ssn": CANARY}) as resp:
+        assert resp.status == 200
+    assert CANARY.encode() not in up.all_bytes()

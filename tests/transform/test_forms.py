@@ -17,6 +17,7 @@ from sidecrypt.transform.forms import (
     AmbiguousForm,
     UnprotectedFormField,
     UnsupportedForm,
+    check_query,
     parse_media_type,
     rebuild_urlencoded,
     scan_urlencoded,
@@ -288,3 +289,29 @@ def test_multipart_bounds_and_percent_encoded_names() -> None:
     assert [p.label for p in found] == ["$.card.number"]
     with pytest.raises(AmbiguousForm):
         scan_multipart(multipart(part("ssn", b"1")), "other", RULES, SPECS)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "ssn=1",
+        "SSN=1",
+        "a=1;ssn=2",
+        "card[number]=1",
+        "card.number=1",
+        "%73sn=1",
+        "s%C5%BFn=1",
+        "user[ssn]=1",
+        "ssn",
+        "x=1&contacts[0][phone]=2",
+    ],
+)
+def test_a_query_naming_a_protected_field_is_refused(query: str) -> None:
+    with pytest.raises(RequestError) as err:
+        check_query(RULES, query)
+    assert err.value.code == "protected_field_in_query"
+
+
+@pytest.mark.parametrize("query", ["name=ssn", "page=2&sort=ssn", "q=card[number]", "%zz=1"])
+def test_other_queries_pass(query: str) -> None:
+    check_query(RULES, query)

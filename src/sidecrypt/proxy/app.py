@@ -152,6 +152,8 @@ class Proxy:
                     )
                 step = "context"
                 context = route.context(headers, params, request.query)
+                if route.request_encrypt and "?" in request.raw_path:
+                    self.forms.check_query(route, request.raw_path)
                 body: bytes | None = None
                 ctype: str | None = None
                 if route.needs_request_body:

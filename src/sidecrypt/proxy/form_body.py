@@ -25,6 +25,7 @@ from ..transform.forms import (
     Protected,
     UnsupportedForm,
     check_charset,
+    check_query,
     parse_media_type,
     rebuild_urlencoded,
     scan_urlencoded,
@@ -88,6 +89,12 @@ class FormCrypto:
     def __init__(self, keys: DataKeyService) -> None:
         self.keys = keys
         self._rules: dict[int, tuple[CompiledRoute, NameRules]] = {}
+
+    def check_query(self, route: CompiledRoute, raw_path: str) -> None:
+        """Refuse a query parameter naming a field the route encrypts (forms.check_query)."""
+        query = raw_path.partition("?")[2]
+        if query and route.request_encrypt:
+            check_query(self.rules(route), query)
 
     def rules(self, route: CompiledRoute) -> NameRules:
         held = self._rules.get(id(route))

@@ -200,3 +200,29 @@ def rebuild_urlencoded(
         raw_name = out[item.index].partition("=")[0]
         out[item.index] = raw_name + "=" + quote(token, safe="")
     return "&".join(out).encode("utf-8")
+
+
+def query_names(query: str) -> set[str]:
+    """Every name a parser could read in a query string: ``&`` or ``;`` separating pairs,
+    escapes decoded (as UTF-8 or Latin-1) or, when invalid, left as they are."""
+    names: set[str] = set()
+    for pair in re.split("[&;]", query):
+        raw = pair.partition("=")[0].replace("+", " ")
+        if not raw:
+            continue
+        names.add(raw)
+        if "%" in raw:
+            names.add(unquote_plus(raw, encoding="utf-8", errors="replace"))
+            names.add(unquote_plus(raw, encoding="latin-1"))
+    return names
+
+
+def check_query(rules: NameRules, query: str) -> None:
+    """A protected field must not travel in the target (frameworks merge query parameters
+    into the fields they bind: PHP's $_REQUEST, Rails params, Spring, ASP.NET)."""
+    for name in query_names(query):
+        if rules.classify(name) is not None:
+            raise RequestError(
+                "a query parameter reads as a field this route encrypts: send it in the body",
+                code="protected_field_in_query",
+            )
