@@ -329,3 +329,25 @@ async def test_a_protected_field_in_the_query_is_refused(
     async with client.post(f"{proxy.url}/users/1?name=ssn", json={"ssn": CANARY}) as resp:
         assert resp.status == 200
     assert CANARY.encode() not in up.all_bytes()
+
+
+async def test_multipart_from_real_clients_is_encrypted(setup: Setup) -> None:
+    """aiohttp's FormData and urllib3's encoder (requests) as they frame multipart."""
+    import urllib3
+
+    proxy, up, client, stored = setup
+    form = aiohttp.FormData()
+    form.add_field("ssn", CANARY)
+    form.add_field("doc", b"\x00binary", filename="a.bin", content_type="application/octet-stream")
+    async with client.post(f"{proxy.url}/users/1", data=form) as resp:
+        assert resp.status == 200, await resp.text()
+    body, ctype = urllib3.encode_multipart_formdata({"card[number]": CANARY, "name": "Ada"})
+    async with client.post(
+        f"{proxy.url}/users/2", data=body, headers={"Content-Type": ctype}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    assert CANARY.encode() not in up.all_bytes()
+    assert b"\x00binary" in up.seen[0].body
+    assert is_envelope(stored["/users/1"]["ssn"]) and stored["/users/2"]["name"] == "Ada"
+    async with client.get(f"{proxy.url}/users/2") as resp:
+        assert (await resp.json())["card"]["number"] == CANARY
