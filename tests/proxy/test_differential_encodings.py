@@ -198,6 +198,13 @@ REFUSED: list[tuple[str, Any, bytes | str, int]] = [
         400,
     ),
     ("form-semicolon", {"Content-Type": URLE}, f"name=x;ssn={CANARY}", 400),
+    ("form-json-body", {"Content-Type": URLE}, json.dumps({"ssn": CANARY}), 415),
+    (
+        "mp-charset",
+        {"Content-Type": "multipart/form-data; boundary=b0und; charset=iso-8859-1"},
+        mp(("ssn", CANARY))[1],
+        415,
+    ),
     ("form-bad-escape", {"Content-Type": URLE}, f"ssn={CANARY}%zz", 400),
     ("form-not-utf8", {"Content-Type": URLE}, f"ssn={CANARY}%ff", 400),
     ("form-latin1", {"Content-Type": URLE + "; charset=iso-8859-1"}, f"ssn={CANARY}", 415),

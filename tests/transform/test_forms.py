@@ -147,6 +147,9 @@ def test_every_occurrence_of_a_repeated_protected_name_is_encrypted() -> None:
         b"ssn=\xff",
         b"_charset_=iso-8859-1&ssn=1",
         b"utf8=%26%2310003%3B&ssn=1",  # qs's sentinel for iso-8859-1
+        b'{"ssn": "1"}',  # JSON under a form type: express.json({type: "*/*"}) reads it
+        b' [{"ssn": "1"}]',
+        b"\xef\xbb\xbfssn=1",  # a BOM: JSON parsers skip it
     ],
 )
 def test_bodies_parsers_could_read_differently_are_refused(body: bytes) -> None:

@@ -257,14 +257,18 @@ class Proxy:
         self, request: RequestView, route: CompiledRoute, kind: BodyKind, body: bytes, context: Any
     ) -> tuple[bytes, str | None]:
         """A form body's protected fields encrypted; its new Content-Type if that changes."""
-        body, ctype, labels, overrides = await self.forms.encrypt_body(kind, body, route, context)
-        for value in overrides:  # Rails, Laravel, Symfony route a form by its _method field
+
+        def check_override(value: str) -> None:  # Rails, Laravel, Symfony route by _method
             other = self.router.match(value.strip(), request.path)
             if (other and other[0]) is not route:
                 raise RequestError(
                     "a _method form field would select other field rules than the request method",
                     code="method_override",
                 )
+
+        body, ctype, labels = await self.forms.encrypt_body(
+            kind, body, route, context, check_override
+        )
         self._field_event("encrypt_fields", request, route, context, labels)
         return body, ctype
 

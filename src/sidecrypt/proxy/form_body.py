@@ -11,7 +11,7 @@ decrypts request fields takes JSON only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,6 +78,7 @@ def body_kind(request: RequestView, route: CompiledRoute) -> BodyKind:
         check_charset(params, "a form body")
         return BodyKind("urlencoded", params)
     if forms_ok and mime == MULTIPART:
+        check_charset(params, "a multipart body")  # busboy decodes names and values by it
         boundary_of(params)
         return BodyKind("multipart", params)
     raise UnsupportedForm(f"this route encrypts fields: send Content-Type: {expected}")
@@ -103,22 +104,33 @@ class FormCrypto:
         return held[1]
 
     async def encrypt_body(
-        self, kind: BodyKind, body: bytes, route: CompiledRoute, context: Context
-    ) -> tuple[bytes, str | None, list[str], list[str]]:
-        """The new body, its new Content-Type (None: unchanged), the labels encrypted and the
-        values of any ``_method`` field (for the caller's override check)."""
+        self,
+        kind: BodyKind,
+        body: bytes,
+        route: CompiledRoute,
+        context: Context,
+        check_override: Callable[[str], None],
+    ) -> tuple[bytes, str | None, list[str]]:
+        """The new body, its new Content-Type (None: unchanged) and the labels encrypted.
+
+        ``check_override`` sees the value of each ``_method`` field before any key is used.
+        """
         rules = self.rules(route)
         specs = route.request_encrypt
         ctype: str | None = None
         if kind.kind == "urlencoded":
             scan = scan_urlencoded(body, rules, specs)
+            for value in scan.overrides:
+                check_override(value)
             if not scan.found:
-                return body, None, [], scan.overrides
+                return body, None, []
             tokens = await self._seal(scan.found, route, context)
             out = rebuild_urlencoded(scan.items, scan.found, tokens)
             again = scan_urlencoded(out, rules, specs).found
         else:
             scan = scan_multipart(body, boundary_of(kind.params), rules, specs)
+            for value in scan.overrides:
+                check_override(value)
             tokens = await self._seal(scan.found, route, context)
             out, ctype = rebuild_multipart(scan.items, scan.found, tokens)
             again = scan_multipart(out, boundary_of(parse_media_type(ctype)[1]), rules, specs).found
@@ -127,7 +139,7 @@ class FormCrypto:
             raise PlaintextGuardError(
                 "plaintext guard: a protected form field is not encrypted; the body was not sent"
             )
-        return out, ctype, [p.label for p in scan.found], scan.overrides
+        return out, ctype, [p.label for p in scan.found]
 
     async def _seal(
         self, found: list[Protected], route: CompiledRoute, context: Context

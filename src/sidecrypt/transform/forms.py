@@ -7,10 +7,12 @@ the same label, so the route's JSON response rule (and offline decrypt) opens it
 The body is read the way the stdlib, qs, Rack, PHP and Go read it (``&`` separates pairs, the
 first ``=`` splits a pair, ``+`` is a space, ``%XX`` escapes, UTF-8), and refused where they
 could read it differently: a ``;`` (a separator to some parsers), an invalid ``%`` escape,
-bytes that are not UTF-8, a charset other than UTF-8 (parameter, ``_charset_`` field or qs's
-``utf8`` sentinel), more than :data:`MAX_FIELDS` pairs. Every occurrence of a repeated
-protected name is encrypted (forms repeat names for lists). Pairs that carry nothing
-protected are sent exactly as they came; a protected pair keeps its name and gets the token.
+bytes that are not UTF-8, a body that starts like JSON (``{``, ``[``, a BOM: apps that parse
+JSON whatever the type would read it as JSON), a charset other than UTF-8 (parameter,
+``_charset_`` field or qs's ``utf8`` sentinel), more than :data:`MAX_FIELDS` pairs. Every
+occurrence of a repeated protected name is encrypted (forms repeat names for lists). Pairs
+that carry nothing protected are sent exactly as they came; a protected pair keeps its name
+and gets the token.
 
 Pure: no HTTP, no keys. :func:`scan_urlencoded` says what to encrypt, :func:`rebuild_urlencoded`
 puts the tokens in.
@@ -161,6 +163,10 @@ def _decode(raw: str) -> str:
 
 def scan_urlencoded(body: bytes, rules: NameRules, specs: Sequence[object]) -> Scan:
     """The body's pairs (as sent) and the values to encrypt; refuses what parsers disagree on."""
+    if body.lstrip(b" \t\r\n")[:1] in (b"{", b"[", b"\xef"):
+        # No form starts so (browsers encode these); apps that parse JSON whatever the type
+        # (express.json({type: "*/*"}), Go's json.Decoder) would read this one as JSON.
+        raise UnsupportedForm("a JSON document sent as a form: send Content-Type: application/json")
     if b";" in body:
         raise AmbiguousForm("';' separates form fields for some parsers: encode it as %3B")
     try:
