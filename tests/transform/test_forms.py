@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from email.parser import BytesParser
 from email.policy import HTTP
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import pytest
 
@@ -165,6 +165,19 @@ def test_refusals_name_the_rule_never_the_value() -> None:
     assert "CANARY" not in err.value.message
     with pytest.raises(UnsupportedForm, match=r"\$\.card"):
         scan_urlencoded(b"card[number]=CANARY-x", NameRules(WHOLE), WHOLE)
+
+
+def test_long_or_deep_names_are_refused_and_the_rest_is_bounded() -> None:
+    specs = compile_fields(["$..a..b..c.d"])
+    rules = NameRules(specs)
+    deep = "x" + "[a][b][c]" * 10  # the most levels accepted: descendant steps stay cheap
+    assert rules.classify(deep) is None
+    assert rules.classify(deep + "[d]") is not None
+    for name in ("x" + "[a]" * 33, "x" + ".a" * 33, "x" + "\uff0ea" * 33, "x" * 1001):
+        with pytest.raises(AmbiguousForm):
+            scan_urlencoded(quote(name).encode() + b"=1", rules, specs)
+        with pytest.raises(RequestError):
+            check_query(rules, quote(name) + "=1")
 
 
 def test_required_fields_and_field_count() -> None:

@@ -87,7 +87,7 @@ class NameRules:
         for reading in readings:
             folded = tuple(_fold(p) for p in reading)
             for rule in self.rules:
-                path = _match(rule, folded, reading, 0, 0, ())
+                path = _match(rule, folded, reading)
                 if path is None:
                     continue
                 if path[0] == "exact":
@@ -182,45 +182,53 @@ def _index(part: str) -> int | None:
     return int(part) if part.isascii() and part.isdigit() else None
 
 
-def _match(
-    rule: _Rule,
-    folded: tuple[str, ...],
-    raw: Reading,
-    i: int,
-    j: int,
-    path: tuple[str | int, ...],
-) -> tuple[str, tuple[str | int, ...]] | None:
+_Found = tuple[str, tuple[str | int, ...]] | None
+
+
+def _match(rule: _Rule, folded: tuple[str, ...], raw: Reading) -> _Found:
     """("exact", canonical path) when the rule reaches exactly this reading, ("whole", ...)
-    when it selects a prefix of it, None otherwise."""
+    when it selects a prefix of it, None otherwise. Memoised on (step, part): descendant
+    steps stay polynomial in the name's length."""
     steps = rule.steps
-    if i == len(steps):
-        return ("exact", path) if j == len(raw) else ("whole", path)
-    if j == len(raw):
-        # ``tags=a&tags=b`` is the list ``tags`` to most parsers: each value is an element.
-        rest = len(steps) - i
-        if i and all(k in (INDEX, WILD) for k, _ in steps[i:]):
-            return ("exact", (*path, *(0,) * rest))
-        return None
-    kind, arg = steps[i]
-    part = folded[j]
-    if kind == MEMBER:
-        if part != arg:
+    memo: dict[tuple[int, int], _Found] = {}
+
+    def go(i: int, j: int) -> _Found:
+        """The same, for steps from ``i`` on against parts from ``j`` on (a path suffix)."""
+        key = (i, j)
+        if key in memo:
+            return memo[key]
+        memo[key] = found = step(i, j)
+        return found
+
+    def then(i: int, j: int, head: tuple[str | int, ...]) -> _Found:
+        found = go(i, j)
+        return None if found is None else (found[0], (*head, *found[1]))
+
+    def step(i: int, j: int) -> _Found:
+        if i == len(steps):
+            return ("exact", ()) if j == len(raw) else ("whole", ())
+        if j == len(raw):
+            # ``tags=a&tags=b`` is the list ``tags`` to most parsers: each value is an element.
+            if i and all(k in (INDEX, WILD) for k, _ in steps[i:]):
+                return ("exact", (0,) * (len(steps) - i))
             return None
-        return _match(rule, folded, raw, i + 1, j + 1, (*path, rule.canon[i]))
-    if kind == INDEX:  # any index: qs compacts sparse arrays (a[1]=x alone is a[0])
-        if _index(part) is None:
-            return None
-        return _match(rule, folded, raw, i + 1, j + 1, (*path, 0))
-    if kind == WILD:
-        n = _index(part)
-        return _match(rule, folded, raw, i + 1, j + 1, (*path, raw[j] if n is None else 0))
-    assert kind == DESCEND
-    best: tuple[str, tuple[str | int, ...]] | None = None
-    for k in range(j, len(raw)):
-        if folded[k] == arg:
-            skipped = tuple(raw[m] if _index(raw[m]) is None else 0 for m in range(j, k))
-            found = _match(rule, folded, raw, i + 1, k + 1, (*path, *skipped, rule.canon[i]))
-            if found is not None and found[0] == "exact":
-                return found
-            best = best or found
-    return best
+        kind, arg = steps[i]
+        part = folded[j]
+        if kind == MEMBER:
+            return then(i + 1, j + 1, (rule.canon[i],)) if part == arg else None
+        if kind == INDEX:  # any index: qs compacts sparse arrays (a[1]=x alone is a[0])
+            return None if _index(part) is None else then(i + 1, j + 1, (0,))
+        if kind == WILD:
+            return then(i + 1, j + 1, (raw[j] if _index(part) is None else 0,))
+        assert kind == DESCEND
+        best: _Found = None
+        for k in range(j, len(raw)):
+            if folded[k] == arg and (rest := go(i + 1, k + 1)) is not None:
+                skipped = tuple(raw[m] if _index(raw[m]) is None else 0 for m in range(j, k))
+                found = (rest[0], (*skipped, rule.canon[i], *rest[1]))
+                if found[0] == "exact":
+                    return found
+                best = best or found
+        return best
+
+    return go(0, 0)

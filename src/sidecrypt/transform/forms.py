@@ -33,6 +33,15 @@ from .fold import fold_key
 from .form_names import NameRules
 
 MAX_FIELDS = 1000  # qs and body-parser stop at 1000 parameters
+MAX_NAME = 1000
+MAX_DEPTH = 32  # Rack's param_depth_limit; qs reads 5 levels. Bounds the readings' work.
+
+
+def _depth(name: str) -> int:
+    folded = fold_key(name) if not name.isascii() else name  # a fullwidth dot folds to "."
+    return max(name.count("[") + name.count("."), folded.count("[") + folded.count("."))
+
+
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PARAM = re.compile(
@@ -127,6 +136,10 @@ OVERRIDE_FIELD = "_method"
 
 def check_outcome(rules: NameRules, name: str) -> tuple[int, str] | None:
     """(rule index, label) to encrypt ``name`` under, None if unprotected; refuses the rest."""
+    if len(name) > MAX_NAME or _depth(name) > MAX_DEPTH:
+        raise AmbiguousForm(
+            f"a form field name longer than {MAX_NAME} characters or {MAX_DEPTH} levels deep"
+        )
     outcome = rules.classify(name)
     if outcome is None:
         return None
@@ -227,7 +240,7 @@ def check_query(rules: NameRules, query: str) -> None:
     """A protected field must not travel in the target (frameworks merge query parameters
     into the fields they bind: PHP's $_REQUEST, Rails params, Spring, ASP.NET)."""
     for name in query_names(query):
-        if rules.classify(name) is not None:
+        if len(name) > MAX_NAME or _depth(name) > MAX_DEPTH or rules.classify(name):
             raise RequestError(
                 "a query parameter reads as a field this route encrypts: send it in the body",
                 code="protected_field_in_query",
