@@ -501,7 +501,8 @@ async def test_labels_come_from_the_path_not_the_selector_spelling(crypto: Field
 
 @pytest.mark.parametrize(
     "doc",
-    [{"a": None}, {"a": [1]}, {"a": "s"}, {"a": {"c": 1}}, [{"a": {"b": 1}}], None, "x"],
+    # [{"a": {"b": 1}}] is refused now (shape drift, issue 16): tests/transform/test_guard.py
+    [{"a": None}, {"a": [1]}, {"a": "s"}, {"a": {"c": 1}}, [{"a": {"c": 1}}], None, "x"],
 )
 async def test_member_chain_that_does_not_reach_matches_nothing(
     crypto: FieldCrypto, doc: Any

@@ -43,6 +43,7 @@ from ..plugin_manager import build_providers, build_stores
 from ..transform import paths
 from . import admin, forward, tls
 from .fields import FieldCrypto
+from .form_body import BodyKind, FormCrypto, body_kind
 from .incoming import RequestView, base_request
 from .routes import CompiledRoute, Hit, Router
 from .upstream import UpstreamPool, UpstreamResponse
@@ -66,8 +67,6 @@ _REQUEST_ID = istr("X-Request-Id")
 # base64, W3C trace ids); anything else is replaced by sidecrypt's own.
 _VALID_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 JSON_TYPES = ("application/json",)
-# JSON whose values sit where no field selector looks (RFC 6902 puts them under "value").
-OPAQUE_JSON = frozenset({"application/json-patch+json"})
 SMALL_BODY = 256 * 1024  # bodies up to this size with a known length are sent in one write
 # CONNECT asks for a tunnel, TRACE echoes the request (credentials included) back: neither has a
 # place behind a field-encrypting proxy (nginx refuses TRACE too).
@@ -96,6 +95,7 @@ class Proxy:
         self.keys = keys
         self.router = Router(settings.routes, default_max_body=settings.server.max_body_size)
         self.fields = FieldCrypto(keys)
+        self.forms = FormCrypto(keys)
         self.base = URL(settings.upstream.url)
         # Host as RFC 9110 writes it: the scheme's default port left out, IPv6 in brackets.
         self.upstream_host = self.base.host_port_subcomponent or ""
@@ -180,17 +180,26 @@ class Proxy:
                     )
                 step = "context"
                 context = route.context(headers, params, request.query)
+                if route.request_encrypt and "?" in request.raw_path:
+                    self.forms.check_query(route, request.raw_path)
                 body: bytes | None = None
+                ctype: str | None = None
                 if route.needs_request_body:
                     step = "request_body"
-                    body = await self._read_request_json(request, route)
-                    if body is not None:
+                    read = await self._read_request_json(request, route)
+                    if read is not None:
                         step = "request_transform"
-                        if _JSON_OVERRIDE.search(body) is not None:
-                            self._check_json_override(request, body)
-                        body = await self._transform_request(request, route, body, context)
+                        body, kind = read
+                        if kind.kind == "json":
+                            if _JSON_OVERRIDE.search(body) is not None:
+                                self._check_json_override(request, body)
+                            body = await self._transform_request(request, route, body, context)
+                        else:
+                            body, ctype = await self._transform_form(
+                                request, route, kind, body, context
+                            )
                 step = "upstream"
-                response = await self._forward(request, route, context, body)
+                response = await self._forward(request, route, context, body, ctype)
         except SidecryptError as exc:
             self._log_failure(request, route, step, exc)
             response = error_response(exc, rid)
@@ -311,18 +320,16 @@ class Proxy:
             },
         )
 
-    async def _read_request_json(self, request: RequestView, route: CompiledRoute) -> bytes | None:
-        """The request body of a route that must transform it, or None when there is none."""
+    async def _read_request_json(
+        self, request: RequestView, route: CompiledRoute
+    ) -> tuple[bytes, BodyKind] | None:
+        """The request body of a route that must transform it and its kind (JSON or a form;
+        anything else is refused: form_body.py), or None when there is none."""
         if not request.body_exists:
             return None
         if request.content_length is not None and request.content_length > route.max_body_size:
             raise forward.too_large("request body", route.max_body_size)
-        if not is_json(request.content_type) or request.content_type in OPAQUE_JSON:
-            raise RequestError(
-                "this route encrypts JSON fields: send Content-Type: application/json",
-                status=415,
-                code="unsupported_media_type",
-            )
+        kind = body_kind(request, route)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         gzipped = encoding == "gzip" and route.allow_gzip
         if encoding not in ("", "identity") and not gzipped:
@@ -334,7 +341,23 @@ class Proxy:
         limit = route.max_body_size
         body = await self._read_whole(request.content, limit)
         # A decoded body goes upstream without Content-Encoding (transformed bodies drop it).
-        return forward.gunzip_limited(body, limit, what="request body") if gzipped else body
+        if gzipped:
+            body = forward.gunzip_limited(body, limit, what="request body")
+        return body, kind
+
+    async def _transform_form(
+        self, request: RequestView, route: CompiledRoute, kind: BodyKind, body: bytes, context: Any
+    ) -> tuple[bytes, str | None]:
+        """A form body's protected fields encrypted; its new Content-Type if that changes."""
+
+        def check_override(value: str) -> None:  # Rails, Laravel, Symfony route by _method
+            self.check_method_override(request, value)
+
+        body, ctype, labels = await self.forms.encrypt_body(
+            kind, body, route, context, check_override
+        )
+        self._field_event("encrypt_fields", request, route, context, labels)
+        return body, ctype
 
     async def _transform_request(
         self, request: RequestView, route: CompiledRoute, body: bytes, context: Any
@@ -342,7 +365,7 @@ class Proxy:
         if route.request_decrypt:
             try:
                 body, labels, _ = await self.fields.decrypt_body(
-                    body, route, route.request_decrypt, context
+                    body, route, route.request_decrypt, context, refuse_duplicates=True
                 )
             except CryptoError as exc:  # the client sent a token we cannot open: its mistake
                 raise RequestError(exc.message, status=400, code=exc.code) from None
@@ -389,6 +412,7 @@ class Proxy:
         route: CompiledRoute | None,
         context: Any,
         body: bytes | None,
+        content_type: str | None = None,
     ) -> web.StreamResponse:
         assert self.pool is not None
         transformed = body is not None
@@ -402,6 +426,9 @@ class Proxy:
             drop=self.drop_headers,
             request_id=request[appkeys.REQUEST_ID],
         )
+        if content_type is not None:  # a re-serialised multipart body has a new boundary
+            headers = [h for h in headers if h[0].lower() != "content-type"]
+            headers.append(("Content-Type", content_type))
         data: Any
         if transformed:
             data = body

@@ -8,7 +8,11 @@ encrypting, a slot inside another selected slot is skipped: the outer value is e
 Encrypt always encrypts, even a value that already looks like a token: leaving client-supplied
 tokens alone would let a client plant a token copied from another record and have the proxy
 decrypt it later. A client that sends ciphertext uses a ``request.decrypt`` rule instead.
-After encrypting, :func:`assert_no_plaintext` re-walks every selector before the body leaves.
+Before encrypting, the document is checked for duplicate keys (transform/duplicates.py) and
+read by the route's guard (transform/guard.py): keys that fold or split to a selected place are
+encrypted too, protected names elsewhere holding plaintext refuse the request. After
+encrypting, :func:`assert_no_plaintext` re-walks every selector and the guard re-reads the whole
+document before the body leaves.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ from ..envelope import (
 )
 from ..errors import AccessDenied, CryptoError, PluginError, RequestError, SidecryptError
 from ..selectors import label as path_label
+from ..transform.duplicates import check_duplicates
+from ..transform.guard import GuardPlan, PlaintextGuardError
 from .routes import CompiledField, CompiledRoute, DirectPlan, FieldList, adhoc_route
+
+__all__ = ["FieldCrypto", "PlaintextGuardError", "assert_no_plaintext", "mask"]
 
 Decide = Callable[[str], str]
 mask = default_mask  # strings of 8+ characters keep their last 4; anything else is "****"
@@ -44,13 +52,6 @@ _label = lru_cache(maxsize=4096)(path_label)
 
 # (container, key, label)
 _Slot = tuple[Any, "str | int", str]
-
-
-class PlaintextGuardError(SidecryptError):
-    """A selected slot still held plaintext after encryption: the body must not leave."""
-
-    status = 500
-    code = "plaintext_guard"
 
 
 def _parse(body: bytes) -> Any:
@@ -99,24 +100,36 @@ def _direct(specs: Sequence[CompiledField]) -> DirectPlan | None:
     return specs.direct if isinstance(specs, FieldList) else None
 
 
-def _collect(doc: Any, specs: Sequence[CompiledField], *, encrypting: bool) -> list[_Slot]:
+def _guard(specs: Sequence[CompiledField]) -> GuardPlan:
+    """The guard compile_fields built (a plain sequence, as tests pass, gets one now)."""
+    return specs.guard if isinstance(specs, FieldList) else GuardPlan(specs)
+
+
+def _collect(
+    doc: Any,
+    specs: Sequence[CompiledField],
+    *,
+    encrypting: bool,
+    elsewhere: frozenset[int] = frozenset(),
+) -> list[_Slot]:
+    """The slots the selectors reach; ``elsewhere``: fields the guard found (folded keys)."""
     plan = _direct(specs)
     if plan is not None:
         out: list[_Slot] = []
-        for parents, last, lab, spec in plan:
+        for index, (parents, last, lab, spec) in enumerate(plan):
             node = _walk(doc, parents, last)
             if node is not None:
                 out.append((node, last, lab))
-            elif encrypting and spec.required:
+            elif encrypting and spec.required and index not in elsewhere:
                 raise RequestError(
                     f"required field {spec.text} is missing from the body", code="missing_field"
                 )
         return out
     seen: set[tuple[str | int, ...]] = set()
     found: list[tuple[Any, str | int, tuple[str | int, ...], str]] = []
-    for spec in specs:
+    for index, spec in enumerate(specs):
         slots = _find(doc, spec)
-        if encrypting and spec.required and not slots:
+        if encrypting and spec.required and not slots and index not in elsewhere:
             raise RequestError(
                 f"required field {spec.text} is missing from the body", code="missing_field"
             )
@@ -176,9 +189,20 @@ class FieldCrypto:
         specs: Sequence[CompiledField],
         context: keys.Context,
     ) -> tuple[bytes, list[str]]:
-        """Encrypt the selected fields; returns the new body and the labels encrypted."""
+        """Encrypt the selected fields; returns the new body and the labels encrypted.
+
+        Refuses (400) duplicate keys, keys of one object that fold alike, and protected names
+        holding plaintext where no selector reaches; keys that fold or split to a selected
+        place are encrypted under the selector's label.
+        """
         doc = _parse(body)
-        slots = _collect(doc, specs, encrypting=True)
+        check_duplicates(body, doc)
+        guard = _guard(specs)
+        extra = guard.find_slots(doc) if guard else []
+        slots = _collect(doc, specs, encrypting=True, elsewhere=frozenset(s[3] for s in extra))
+        if extra:
+            have = {(id(c), k) for c, k, _ in slots}
+            slots += [(c, k, lab) for c, k, lab, _ in extra if (id(c), k) not in have]
         if not slots:
             return body, []
         name = route.key
@@ -210,6 +234,7 @@ class FieldCrypto:
             container[key] = seal(plaintext, one.aead, header=header, label=lab)
             labels.append(lab)
         assert_no_plaintext(doc, specs)
+        guard.check_outgoing(doc)
         return _serialise(doc), labels
 
     async def decrypt_body(
@@ -220,6 +245,7 @@ class FieldCrypto:
         context: keys.Context,
         *,
         decide: Decide | None = None,
+        refuse_duplicates: bool = False,
     ) -> tuple[bytes, list[str], list[tuple[str, str]]]:
         """Decrypt tokens at the selected slots.
 
@@ -228,8 +254,11 @@ class FieldCrypto:
         ``error`` (undecryptable, left as is under ``on_decrypt_error: ciphertext``).
         Values that are not tokens (rows stored before encryption was on) stay as they are,
         but the policy still applies to them: mask and ciphertext outcomes mask them.
+        ``refuse_duplicates`` (request bodies): a repeated key is the client's 400.
         """
         doc = _parse(body)
+        if refuse_duplicates:
+            check_duplicates(body, doc)
         slots = _collect(doc, specs, encrypting=False)
         if not slots:
             return body, [], []

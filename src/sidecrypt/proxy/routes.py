@@ -25,6 +25,7 @@ from .. import config, keys
 from ..errors import ConfigError, RequestError
 from ..selectors import Selector, compile_selector, label
 from ..transform import paths
+from ..transform.guard import GuardPlan
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SOURCES = ("header:", "path:", "query:")
@@ -52,13 +53,16 @@ class FieldList(tuple[CompiledField, ...]):
     ``direct`` is set when every field is a plain member chain and none equals or extends
     another: then the slots are found by walking each chain, with no dedup or nesting to
     resolve (fields.py). Otherwise it is None and the general selector walk runs.
+    ``guard`` is the same fields compiled for the shape-independent guard (transform/guard.py).
     """
 
     direct: DirectPlan | None
+    guard: GuardPlan
 
     def __new__(cls, fields: Sequence[CompiledField] = ()) -> FieldList:
         self = super().__new__(cls, fields)
         self.direct = _direct_plan(self)
+        self.guard = GuardPlan(self)
         return self
 
 

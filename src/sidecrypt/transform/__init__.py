@@ -1,1 +1,2 @@
-"""Pure request transforms and rules: no HTTP, no I/O (see /docs and design.md)."""
+"""Pure request and document rules that know nothing of HTTP and do no I/O: path readings,
+key folding, form names, the plaintext guard (see design.md)."""

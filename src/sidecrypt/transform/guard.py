@@ -1,0 +1,341 @@
+"""The shape-independent guard: a protected name anywhere in the document is protected.
+
+Selectors are structural, apps are not: a case-insensitive binder reads ``SSN`` as ``ssn``,
+Spring and qs read ``card.number`` and ``card[number]`` as ``card`` -> ``number``, and an app
+may accept ``contacts`` as one object instead of an array, or a top-level array of records.
+:class:`GuardPlan` is compiled from a route's encrypt selectors and applies two rules to every
+member of a document, comparing keys by :func:`~sidecrypt.transform.fold.fold_key` and reading
+a key that holds ``.``, ``[`` or ``]`` as the member chain it spells (``a.b``, ``a[b]``,
+``a[0][b]``):
+
+* **Structural** (the selector reaches it once keys are folded and split): the slot is
+  encrypted, bound to the label the selector itself gives that place (``$.ssn`` for ``SSN``),
+  so the app that stores it under its own reading returns a token the response rule opens.
+* **Drift** (the selector's member names appear in order along the member's path and the path
+  ends at the selector's last name, but the structure differs: nested deeper, an object where
+  an array was, a top-level array): sidecrypt cannot know how the app reads it, so unless the
+  value is already a token (for a container: every leaf) the request is refused with
+  ``unprotected_field``, naming the path. Generic last names stay quiet: ``$.card.number``
+  only reaches a ``number`` somewhere below a ``card``.
+
+Two keys of one object that fold to the same name are refused (``ambiguous_key``). After
+encryption :meth:`GuardPlan.check_outgoing` re-reads the whole outgoing document with the same
+rules and stops it (500 ``plaintext_guard``) if anything protected is still not a token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..envelope import is_envelope
+from ..errors import RequestError, SidecryptError
+from ..selectors import DESCEND, INDEX, MEMBER, WILD, Selector, label
+from .fold import cached_fold
+
+_SPLIT = re.compile(r"[.\[\]]+")
+_MAX_LABEL = 200
+
+Part = str | int
+Slot = tuple[Any, "str | int", str, int]  # container, key, label, index of the field rule
+
+
+class PlaintextGuardError(SidecryptError):
+    """A protected place still held plaintext after encryption: the body must not leave."""
+
+    status = 500
+    code = "plaintext_guard"
+
+
+class UnprotectedFieldError(RequestError):
+    """A protected name sits where no selector reaches it, holding plaintext."""
+
+    code = "unprotected_field"
+
+
+class AmbiguousKeyError(RequestError):
+    """Two keys of one object fold to the same name: apps would pick either."""
+
+    code = "ambiguous_key"
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    index: int  # the field's position in the route's list
+    text: str
+    head: tuple[tuple[str, Any], ...]  # steps up to the last named one, names folded
+    names: tuple[str, ...]  # the folded names of ``head``, in order
+    canon: tuple[str, ...]  # the same names as the selector spells them (for labels)
+    tail: Selector | None  # trailing [*] / [n] / .* steps, applied to the member's value
+    bind_as: str | None
+
+
+def _short(path: Sequence[Part]) -> str:
+    text = label(tuple(path))
+    return text if len(text) <= _MAX_LABEL else text[: _MAX_LABEL - 3] + "..."
+
+
+def _split(folded: str) -> tuple[str, ...]:
+    """``a.b``, ``a[b]``, ``a[0][b]`` -> its members, each folded (``a. b`` is ``a.b``)."""
+    return tuple(p for p in map(cached_fold, _SPLIT.split(folded)) if p) or (folded,)
+
+
+def all_tokens(value: Any) -> bool:
+    """True when every leaf of ``value`` is a sidecrypt token (an empty container has none)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif not is_envelope(node):
+            return False
+    return True
+
+
+def _structural(
+    head: tuple[tuple[str, Any], ...],
+    canon: tuple[str, ...],
+    chain: tuple[Part, ...],
+    raw: tuple[Part, ...],
+) -> tuple[Part, ...] | None:
+    """The canonical path when ``head`` reaches exactly ``chain`` (folded), else None.
+
+    Named steps take the selector's spelling; the others keep ``raw``, the client's.
+    """
+
+    def go(i: int, n: int, j: int) -> tuple[Part, ...] | None:
+        if i == len(head):
+            return () if j == len(chain) else None
+        if j >= len(chain):
+            return None
+        kind, arg = head[i]
+        part = chain[j]
+        if kind == MEMBER:
+            rest = go(i + 1, n + 1, j + 1) if part == arg else None
+            return None if rest is None else (canon[n], *rest)
+        if kind in (WILD, INDEX):
+            number = part if isinstance(part, int) else int(part) if part.isdigit() else None
+            if kind == INDEX and number is not None and arg >= 0 and number != arg:
+                return None
+            rest = go(i + 1, n, j + 1)
+            return None if rest is None else (raw[j] if number is None else number, *rest)
+        for k in range(j, len(chain)):  # DESCEND: any run of members, then the name
+            if chain[k] == arg and (rest := go(i + 1, n + 1, k + 1)) is not None:
+                return (*raw[j:k], canon[n], *rest)
+        return None
+
+    return go(0, 0, 0)
+
+
+def _drifted(names: tuple[str, ...], chain: tuple[Part, ...]) -> bool:
+    """The names in order along ``chain``, the last one at its end."""
+    if chain[-1] != names[-1]:
+        return False
+    it = iter(chain[:-1])
+    return all(name in it for name in names[:-1])
+
+
+class GuardPlan:
+    """A route's encrypt selectors, compiled for the guard (see the module docstring)."""
+
+    def __init__(self, fields: Sequence[Any]) -> None:
+        rules: dict[str, list[_Rule]] = {}
+        for index, field in enumerate(fields):
+            rule = _compile(index, field.text, field.selector, field.bind_as)
+            if rule is not None:
+                rules.setdefault(rule.names[-1], []).append(rule)
+        self._rules = {name: tuple(found) for name, found in rules.items()}
+        self._shapes: dict[tuple[Any, ...], _ObjectPlan] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+    def find_slots(self, doc: Any) -> list[Slot]:
+        """Slots the selectors reach only once keys are folded or split (to encrypt).
+
+        Raises AmbiguousKeyError or UnprotectedFieldError (see the module docstring).
+        """
+        out: list[Slot] = []
+        for container, key, value, path, rule, canon, through, exact in self._hits(doc):
+            if canon is None or through:
+                if not all_tokens(value):
+                    raise UnprotectedFieldError(
+                        f"{_short(path)} is a protected name (selector {rule.text}) in a place "
+                        "the selector does not reach; send the field where the route expects "
+                        "it",
+                        code="unprotected_field",
+                    )
+                continue
+            # exact: _collect finds it under the selector's own name
+            if rule.tail is None:
+                if not exact:
+                    out.append((container, key, rule.bind_as or label(canon), rule.index))
+                continue
+            slots = list(rule.tail.slots(value))
+            if not slots and not all_tokens(value):
+                raise UnprotectedFieldError(
+                    f"{_short(path)} (selector {rule.text}) does not have the shape the "
+                    "selector expects; send the field where the route expects it",
+                    code="unprotected_field",
+                )
+            if not exact:
+                for c, k, sub in slots:
+                    out.append((c, k, rule.bind_as or label((*canon, *sub)), rule.index))
+        return out
+
+    def check_outgoing(self, doc: Any) -> None:
+        """The last check before a body leaves: raise PlaintextGuardError naming the path."""
+        for _, _, value, path, rule, canon, through, _ in self._hits(doc):
+            if canon is None or through or rule.tail is None:
+                ok = is_envelope(value) if canon is not None and not through else all_tokens(value)
+            else:
+                slots = list(rule.tail.slots(value))
+                ok = all(is_envelope(c[k]) for c, k, _ in slots) if slots else all_tokens(value)
+            if not ok:
+                raise PlaintextGuardError(
+                    f"plaintext guard: {_short(path)} (selector {rule.text}) is not encrypted; "
+                    "the body was not sent"
+                )
+
+    def _hits(self, doc: Any) -> list[_Hit]:
+        """Members whose folded chain meets a rule; their values are not walked further.
+
+        Each hit: (container, key, value, concrete path, rule, canonical path or None for
+        drift, whether the rule is met inside a split key so the value is within the field,
+        whether the concrete path is the canonical one). What an object's keys mean depends
+        only on them and on the chain above, so it is worked out once per shape (memoised).
+        """
+        shapes = self._shapes
+        hits: list[_Hit] = []
+        # (node, folded chain, label parts, concrete path)
+        stack: list[tuple[Any, tuple[Part, ...], tuple[Part, ...], tuple[Part, ...]]] = [
+            (doc, (), (), ())
+        ]
+        while stack:
+            node, chain, raw, path = stack.pop()
+            if type(node) is list:
+                for i, child in enumerate(node):
+                    if isinstance(child, (dict, list)):
+                        stack.append((child, (*chain, i), (*raw, i), (*path, i)))
+                continue
+            if type(node) is not dict:
+                continue
+            shape = (chain, raw, tuple(node))
+            plan = shapes.get(shape)
+            if plan is None:
+                plan = self._object_plan(node, chain, raw, path)
+                if len(shapes) >= _SHAPES_MAX:
+                    shapes.clear()
+                if len(node) <= 64 and len(chain) <= 8:
+                    shapes[shape] = plan
+            found, rest = plan
+            for key, rule, canon, through, exact in found:
+                hits.append((node, key, node[key], (*path, key), rule, canon, through, exact))
+            if rest and not _FLAT.issuperset(map(type, node.values())):
+                for key, more, more_raw in rest:
+                    child = node[key]
+                    if isinstance(child, (dict, list)):
+                        stack.append((child, (*chain, *more), (*raw, *more_raw), (*path, key)))
+        return hits
+
+    def _object_plan(
+        self, node: dict[str, Any], chain: tuple[Part, ...], raw: tuple[Part, ...], path: Any
+    ) -> _ObjectPlan:
+        """Which keys of an object meet a rule, and how to walk the others."""
+        rules = self._rules
+        found: list[tuple[str, _Rule, tuple[Part, ...] | None, bool, bool]] = []
+        rest: list[tuple[str, tuple[Part, ...], tuple[Part, ...]]] = []
+        plain = True
+        for key in node:
+            info = _KEYS.get(key) or _key_info(key)
+            plain = plain and not info[2]
+            parts: tuple[str, ...] = info[1] or (info[0],)
+            labels: tuple[Part, ...] = parts if info[1] else (key,)
+            for n, part in enumerate(parts):
+                if part in rules:
+                    end = n + 1
+                    sub, sub_raw = (*chain, *parts[:end]), (*raw, *labels[:end])
+                    hit = self._match(part, sub, sub_raw)
+                    if hit is not None:
+                        rule, canon = hit
+                        exact = canon is not None and (*path, key) == canon
+                        found.append((key, rule, canon, end < len(parts), exact))
+                        break
+            else:
+                rest.append((key, parts, labels))
+        if not plain and len({cached_fold(k) for k in node}) != len(node):
+            raise AmbiguousKeyError(
+                f"two keys of the object at {_short(path)} differ only in case, width, "
+                "invisible characters or surrounding space; send each key once",
+                code="ambiguous_key",
+            )
+        return tuple(found), tuple(rest)
+
+    def _match(
+        self, name: str, chain: tuple[Part, ...], raw: tuple[Part, ...]
+    ) -> tuple[_Rule, tuple[Part, ...] | None] | None:
+        """The first rule that reaches ``chain`` structurally, else the first that drifts to it."""
+        return _match(self._rules[name], chain, raw)
+
+
+# key -> (folded, its member chain when it holds '.', '[' or ']' else None, folds differently)
+KeyInfo = tuple[str, "tuple[str, ...] | None", bool]
+_KEYS: dict[str, KeyInfo] = {}
+_KEYS_MAX = 8192
+_Hit = tuple[Any, Any, Any, tuple[Part, ...], _Rule, "tuple[Part, ...] | None", bool, bool]
+_ObjectPlan = tuple[
+    tuple[tuple[str, _Rule, "tuple[Part, ...] | None", bool, bool], ...],
+    tuple[tuple[str, tuple[Part, ...], tuple[Part, ...]], ...],
+]
+_SHAPES_MAX = 2048
+_FLAT = frozenset((str, int, float, bool, type(None)))
+
+
+def _key_info(key: str) -> KeyInfo:
+    folded = cached_fold(key)
+    parts = _split(folded) if ("." in folded or "[" in folded or "]" in folded) else None
+    info = (folded, parts, folded != key)
+    if len(key) <= 64 and len(_KEYS) < _KEYS_MAX:
+        _KEYS[key] = info
+    return info
+
+
+def _match(
+    rules: tuple[_Rule, ...], chain: tuple[Part, ...], raw: tuple[Part, ...]
+) -> tuple[_Rule, tuple[Part, ...] | None] | None:
+    """The first rule that reaches ``chain`` structurally, else the first that drifts to it."""
+    drift = None
+    for rule in rules:
+        canon = _structural(rule.head, rule.canon, chain, raw)
+        if canon is not None:
+            return rule, canon
+        if drift is None and _drifted(rule.names, chain):
+            drift = rule
+    return None if drift is None else (drift, None)
+
+
+def _compile(index: int, text: str, selector: Selector, bind_as: str | None) -> _Rule | None:
+    steps = selector.steps
+    last = max((i for i, (kind, _) in enumerate(steps) if kind in (MEMBER, DESCEND)), default=-1)
+    if last < 0:
+        return None  # ``$.*``, ``$[0]``: no name to look for
+    head: list[tuple[str, Any]] = []
+    names: list[str] = []
+    canon: list[str] = []
+    for kind, arg in steps[: last + 1]:
+        if kind in (MEMBER, DESCEND):
+            # A selector name that itself holds '.' or '[' is read as its chain, like a key.
+            pieces = _split(cached_fold(arg))
+            whole = len(pieces) == 1
+            for j, piece in enumerate(pieces):
+                head.append((kind if j == 0 else MEMBER, piece))
+                names.append(piece)
+                canon.append(arg if whole else piece)
+        else:
+            head.append((kind, arg))
+    tail = Selector(text, steps[last + 1 :]) if last + 1 < len(steps) else None
+    return _Rule(index, text, tuple(head), tuple(names), tuple(canon), tail, bind_as)
