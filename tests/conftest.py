@@ -14,6 +14,7 @@ import trustme
 from aiohttp import web
 
 from kms_server import DUMMY_ENV, KmsServer
+from postgres_server import PostgresServer, find_bin
 from sidecrypt import config
 from sidecrypt.proxy import server
 
@@ -183,3 +184,17 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL cluster for the session (tests/postgres_server.py). Missing binaries
+    fail the test in CI (``CI`` set) and skip it, saying why, elsewhere."""
+    bindir = find_bin()
+    if bindir is None:
+        reason = "PostgreSQL is not installed (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with PostgresServer(bindir) as server:
+        yield server

@@ -20,10 +20,13 @@ if TYPE_CHECKING:
     from .identity import PeerCertificate, Principal
     from .keys import DataKeyService
     from .proxy.workers import Worker
+    from .stores.base import Store
 
 PLUGIN_MANAGER: web.AppKey[pluggy.PluginManager] = web.AppKey("sidecrypt.pm")
 SETTINGS: web.AppKey[Settings] = web.AppKey("sidecrypt.settings")
 KEYS: web.AppKey[DataKeyService] = web.AppKey("sidecrypt.keys")
+STORES: web.AppKey[dict[str, Store]] = web.AppKey("sidecrypt.stores")
+"""Every configured store by name, started before the key providers."""
 ADMIN: web.AppKey[web.Application] = web.AppKey("sidecrypt.admin")
 PROXY: web.AppKey[web.Application] = web.AppKey("sidecrypt.proxy")
 AUDIT_GATE: web.AppKey[Callable[[], bool]] = web.AppKey("sidecrypt.audit_gate")

@@ -45,13 +45,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _preflight(settings: config.Settings) -> list[str]:
     """Everything that can fail before serving: certificates, key providers, plugin configs."""
-    from .plugin_manager import build_providers, make_plugin_manager
+    from .plugin_manager import build_providers, build_stores, make_plugin_manager
     from .proxy import tls
 
     if settings.listen.tls is not None:
         tls.server_context(settings.listen.tls, source=settings.source)
     tls.upstream_context(settings.upstream, source=settings.source)
     pm = make_plugin_manager()
+    build_stores(settings, pm)
     build_providers(settings, pm)
     notes: list[str] = []
     for batch in pm.hook.sidecrypt_check_config(settings=settings):
@@ -219,6 +220,32 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    """Create or migrate the schema of every configured store (or those named)."""
+    from .plugin_manager import build_stores, make_plugin_manager
+
+    settings = config.load(args.config)
+    stores = build_stores(settings, make_plugin_manager())
+    unknown = sorted(set(args.store or ()) - set(stores))
+    if unknown:
+        raise ConfigError(f"no store named {unknown[0]!r}", file=settings.source, path="stores")
+
+    async def migrate_all() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, store in stores.items():
+            if args.store and name not in args.store:
+                continue
+            try:
+                done = await store.migrate()
+            finally:
+                await store.close()
+            out[name] = {f: {"from": a, "to": b} for f, (a, b) in done.items()}
+        return out
+
+    _out(asyncio.run(migrate_all()))
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from .audit_chain import verify_files
 
@@ -296,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="?", default="-", help="JSON file, or - for stdin")
     p.add_argument("--field", action="append", required=True, help="a selector (repeatable)")
     p.add_argument("--to-key", required=True, help="the configured key to re-encrypt under")
+
+    store = verb("store", lambda a: 2, "shared stores (branch keys, token vault)")
+    ssub = store.add_subparsers(dest="store_verb", required=True, metavar="VERB")
+    p = ssub.add_parser("migrate", help="create or migrate the stores' schema")
+    _common(p)
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--store", action="append", help="only this store (repeatable)")
+    p.set_defaults(fn=cmd_store_migrate)
 
     audit = verb("audit", lambda a: 2, "audit trail tools")
     asub = audit.add_subparsers(dest="audit_verb", required=True, metavar="VERB")

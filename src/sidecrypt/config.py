@@ -307,6 +307,7 @@ class Settings(Model):
     upstream: Upstream
     data_keys: DataKeyLimits = DataKeyLimits()
     keys: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    stores: dict[str, dict[str, Any]] = Field(default_factory=dict)
     audit: Audit = Audit()
     log: Log = Log()
     identity: IdentityConfig = IdentityConfig()
@@ -470,6 +471,38 @@ def validate_provider_options(
             raise ConfigError(
                 "\n".join(
                     line.replace(f"{settings.source}: ", f"{settings.source}: keys.{name}.", 1)
+                    for line in err.message.splitlines()
+                )
+            ) from None
+    return out
+
+
+_STORE_HINTS = {"postgresql": " (install it: pip install 'sidecrypt[postgresql]')"}
+
+
+def validate_store_options(
+    settings: Settings, lookup: Callable[[str], type[BaseModel] | None]
+) -> dict[str, BaseModel]:
+    """Check each ``stores.<name>`` block against its store type's options model."""
+    out: dict[str, BaseModel] = {}
+    for name, block in settings.stores.items():
+        kind = block.get("type") if isinstance(block, dict) else None
+        if not isinstance(kind, str):
+            raise ConfigError("missing type", file=settings.source, path=f"stores.{name}.type")
+        model = lookup(kind)
+        if model is None:
+            raise ConfigError(
+                f"unknown store type {kind!r}{_STORE_HINTS.get(kind, '')}",
+                file=settings.source,
+                path=f"stores.{name}.type",
+            )
+        try:
+            out[name] = model.model_validate(block, context={"base_dir": settings.base_dir})
+        except ValidationError as exc:
+            err = _format_errors(settings.source, exc)
+            raise ConfigError(
+                "\n".join(
+                    line.replace(f"{settings.source}: ", f"{settings.source}: stores.{name}.", 1)
                     for line in err.message.splitlines()
                 )
             ) from None

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .identity import Principal
     from .keys import KeyProvider
     from .proxy.incoming import RequestView
+    from .stores.base import Store
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
@@ -31,6 +32,17 @@ def sidecrypt_key_provider_types() -> list[type[KeyProvider]]:  # type: ignore[e
 
     A config block ``keys.<name>: {provider: TYPE, ...}`` picks the class whose ``type_name`` is
     ``TYPE``. Two plugins offering the same type name is a start-up error.
+    """
+
+
+@hookspec
+def sidecrypt_store_types() -> list[type[Store]]:  # type: ignore[empty-body]
+    """Store classes this plugin offers (``sidecrypt.stores.base.Store``).
+
+    A config block ``stores.<name>: {type: TYPE, ...}`` picks the class whose ``type_name`` is
+    ``TYPE``; features (branch keys, the token vault) reach their tables on it through
+    ``store.table(feature)``. Two plugins offering the same type name is a start-up error.
+    Built-ins: ``sqlite`` and ``postgresql`` (trylast, so a third party may override them).
     """
 
 

@@ -9,9 +9,10 @@ from collections.abc import Iterable
 import pluggy
 
 from . import PROJECT, hookspecs
-from .config import Settings, validate_provider_options
+from .config import Settings, validate_provider_options, validate_store_options
 from .errors import PluginError
 from .keys import KeyProvider
+from .stores.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "sidecrypt.plugins.policy",
     "sidecrypt.plugins.metrics",
     "sidecrypt.plugins.jwks",
+    "sidecrypt.plugins.stores",
 )
 
 
@@ -85,5 +87,31 @@ def build_providers(settings: Settings, pm: pluggy.PluginManager) -> dict[str, K
     )
     return {
         name: types[settings.keys[name]["provider"]].create(name, opts, base_dir=settings.base_dir)
+        for name, opts in options.items()
+    }
+
+
+def store_types(pm: pluggy.PluginManager) -> dict[str, type[Store]]:
+    """Store classes by ``type_name``; a name offered twice is an error."""
+    found: dict[str, type[Store]] = {}
+    for batch in pm.hook.sidecrypt_store_types():
+        for cls in batch:
+            name = getattr(cls, "type_name", None)
+            if not isinstance(name, str):
+                raise PluginError(f"store class {cls!r} has no type_name")
+            if name in found and found[name] is not cls:
+                raise PluginError(f"store type {name!r} is offered by two plugins")
+            found[name] = cls
+    return found
+
+
+def build_stores(settings: Settings, pm: pluggy.PluginManager) -> dict[str, Store]:
+    """One store per ``stores.<name>`` block, options validated against its type's model."""
+    types = store_types(pm)
+    options = validate_store_options(
+        settings, lambda kind: types[kind].options_model if kind in types else None
+    )
+    return {
+        name: types[settings.stores[name]["type"]].create(name, opts, base_dir=settings.base_dir)
         for name, opts in options.items()
     }

@@ -37,6 +37,8 @@ def readiness_checks(proxy_app: web.Application) -> list[tuple[str, Check]]:
     checks: list[tuple[str, Check]] = [("upstream", lambda: _upstream_reachable(url))]
     for name, provider in keys.providers.items():
         checks.append((f"key:{name}", provider.check_ready))
+    for name, store in proxy_app.get(appkeys.STORES, {}).items():
+        checks.append((f"store:{name}", store.check))
     for batch in proxy_app[appkeys.PLUGIN_MANAGER].hook.sidecrypt_readiness(app=proxy_app):
         checks.extend(batch)
     return checks

@@ -37,7 +37,7 @@ from ..errors import (
 from ..events import AuditEvent, new_event
 from ..hookcall import DirectHook
 from ..keys import CacheLimits, DataKeyService
-from ..plugin_manager import build_providers
+from ..plugin_manager import build_providers, build_stores
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .incoming import RequestView, base_request
@@ -475,6 +475,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
         # Bodies pass through as sent: a gzip upload stays gzip (decoded only on allow_gzip routes).
         handler_args={"max_field_size": settings.server.max_header_size, "auto_decompress": False},
     )
+    stores = build_stores(settings, pm)
     providers = build_providers(settings, pm)
     limits = settings.data_keys
     keys = DataKeyService(
@@ -492,6 +493,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
     app[appkeys.SETTINGS] = settings
     app[appkeys.PLUGIN_MANAGER] = pm
     app[appkeys.KEYS] = keys
+    app[appkeys.STORES] = stores
     app[PROXY_KEY] = proxy
     app[appkeys.ADMIN] = admin.create_admin_app(app)
     app.cleanup_ctx.append(_lifespan)
@@ -511,7 +513,11 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     proxy = app[PROXY_KEY]
     settings = app[appkeys.SETTINGS]
     started = []
+    stores = []
     try:
+        for store in app[appkeys.STORES].values():  # before providers: branch keys live there
+            await store.start()
+            stores.append(store)
         for provider in proxy.keys.providers.values():
             await provider.start()
             started.append(provider)
@@ -526,3 +532,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
             except Exception:  # closing must not hide the shutdown of the others
                 log.exception("closing key provider %s failed", provider.name)
         proxy.keys.clear()
+        for store in stores:
+            try:
+                await store.close()
+            except Exception:
+                log.exception("closing store %s failed", store.name)

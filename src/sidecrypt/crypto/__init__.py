@@ -1,0 +1,1 @@
+"""Cryptographic building blocks above the key providers: the key hierarchy (branch keys)."""

@@ -1,0 +1,5 @@
+"""The embedded ``sqlite`` store (the default)."""
+
+from .store import SqliteOptions, SqliteStore
+
+__all__ = ["SqliteOptions", "SqliteStore"]
