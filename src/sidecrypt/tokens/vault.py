@@ -1,0 +1,358 @@
+"""The token vault: tokenize and detokenize through a store, a key provider and a cache.
+
+A value's token is stored with the value sealed as an ``sc1.`` envelope (the route's key
+through the data key service: AES-256-GCM, AAD = header with the encryption context + a label
+naming the format and the token), so a row altered, or moved to another token, format or
+context, fails to open. Consistent tokens are found through the keyed blind index; the first
+write of a value inserts candidates in a fixed order (the next when a candidate is another
+value's token) and reads back the token stored for the index, so racing sidecars agree.
+A store or provider failure is an error for the request (503): nothing is left unprotected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .. import keys as keymod
+from ..envelope import build_header, decrypt_value, dumps_json, parse, seal
+from ..errors import CryptoError, KeyProviderError, SidecryptError
+from ..events import AuditEvent
+from .cache import MISSING, TokenCache
+from .formats import TokenFormat, TokenSpaceError
+from .index import ROOT_CONTEXT, TokenKeys, encode_parts
+from .stream import RandomSource, Sampler
+from .table import VaultEntry, VaultRoot, VaultTable
+
+MAX_ATTEMPTS = 64  # candidates per value before the vault gives up (never near: spaces >= 5e5
+# and a collision needs another value's token at exactly this candidate)
+INSERT_CONCURRENCY = 16
+
+AuditFn = Callable[[AuditEvent], None]
+
+
+def _no_audit(event: AuditEvent) -> None:
+    return None
+
+
+def context_text(context: keymod.Context) -> str:
+    """The canonical text of an encryption context, as stored in vault rows."""
+    return json.dumps([list(pair) for pair in context], ensure_ascii=False, separators=(",", ":"))
+
+
+def token_label(fmt: TokenFormat, token: str) -> str:
+    """The AAD label of a sealed value: binds the row to its format and token."""
+    return f"token:{fmt.signature}:{token}"
+
+
+class Vault:
+    """One per app: tokens for every route, on the configured store."""
+
+    def __init__(
+        self,
+        table: VaultTable,
+        keys: keymod.DataKeyService,
+        *,
+        cache_entries: int = 100_000,
+        cache_ttl: float = 300.0,
+        audit: AuditFn = _no_audit,
+    ) -> None:
+        self.table = table
+        self.keys = keys
+        self.audit = audit
+        self.cache = TokenCache(cache_entries, cache_ttl)
+        self._roots: dict[str, TokenKeys] = {}
+        self._root_locks: dict[str, asyncio.Lock] = {}
+        self.stats: dict[str, int] = {"store_calls": 0, "tokenized": 0, "detokenized": 0}
+        self.store_seconds = 0.0
+        self.observers: list[Callable[[str, float, bool], None]] = []  # (op, seconds, ok)
+
+    def __repr__(self) -> str:
+        return f"Vault(cache={self.cache!r})"
+
+    # -- the root of a key's blind index ----------------------------------------------------
+
+    async def token_keys(self, name: str) -> TokenKeys:
+        found = self._roots.get(name)
+        if found is not None:
+            return found
+        lock = self._root_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            found = self._roots.get(name)
+            if found is None:
+                found = self._roots[name] = await self._load_root(name)
+        return found
+
+    async def _load_root(self, name: str) -> TokenKeys:
+        provider = self.keys.provider(name)
+        row = await self._store("root", self.table.root(name))
+        if row is None:
+            dk = await self._provider_call(
+                provider, "generate_data_key", provider.generate_data_key(ROOT_CONTEXT)
+            )
+            row = await self._store(
+                "insert_root",
+                self.table.insert_root(VaultRoot(name, 1, dk.wrapped, dk.key_version, time.time())),
+            )
+            if row.wrapped == dk.wrapped:  # ours won: no unwrap needed
+                self._audit_root(provider, "generate_data_key", dk.key_version)
+                return TokenKeys(dk.plaintext, key_name=name, version=row.version)
+        root = await self._provider_call(
+            provider,
+            "decrypt_data_key",
+            provider.decrypt_data_key(row.wrapped, row.kek_version, ROOT_CONTEXT),
+        )
+        self._audit_root(provider, "decrypt_data_key", row.kek_version)
+        try:
+            return TokenKeys(root, key_name=name, version=row.version)
+        except ValueError:
+            raise KeyProviderError(f"key {name!r}: the token root is malformed") from None
+
+    def _audit_root(self, provider: keymod.KeyProvider, op: str, version: int) -> None:
+        self.audit(
+            AuditEvent(
+                op,
+                key=provider.name,
+                provider=provider.type_name,
+                key_version=version,
+                context=dict(ROOT_CONTEXT),
+                cache="miss",
+            )
+        )
+
+    async def _provider_call(self, provider: keymod.KeyProvider, op: str, call: Any) -> Any:
+        try:
+            return await call
+        except SidecryptError as exc:
+            self._audit_fail(provider, op, exc)
+            if isinstance(exc, CryptoError):  # the stored root does not unwrap: fail closed
+                raise KeyProviderError(
+                    f"key {provider.name!r}: the token root does not unwrap"
+                ) from None
+            raise
+        except Exception as exc:
+            self._audit_fail(provider, op, exc)
+            raise KeyProviderError(
+                f"key {provider.name!r}: {op} failed ({type(exc).__name__})"
+            ) from exc
+
+    def _audit_fail(self, provider: keymod.KeyProvider, op: str, exc: BaseException) -> None:
+        self.audit(
+            AuditEvent(
+                op,
+                outcome="error",
+                key=provider.name,
+                provider=provider.type_name,
+                error=type(exc).__name__,
+            )
+        )
+
+    async def _store(self, op: str, call: Any) -> Any:
+        started = time.perf_counter()
+        ok = False
+        try:
+            result = await call
+            ok = True
+            return result
+        finally:
+            seconds = time.perf_counter() - started
+            self.stats["store_calls"] += 1
+            self.store_seconds += seconds
+            for observe in self.observers:
+                observe(op, seconds, ok)
+
+    # -- tokenize ---------------------------------------------------------------------------
+
+    async def tokenize(
+        self,
+        name: str,
+        context: keymod.Context,
+        items: Sequence[tuple[TokenFormat, bool, Any]],
+    ) -> list[Any]:
+        """Tokens for (format, consistent, value) items, in order. Consistent values the
+        cache does not hold are looked up in one store call; new ones are inserted."""
+        ctx = context_text(context)
+        tk = await self.token_keys(name)
+        out: list[Any] = [None] * len(items)
+        todo: dict[bytes, list[int]] = {}  # consistent: bidx -> item positions
+        parsed_at: dict[int, Any] = {}
+        randoms: list[int] = []
+        for i, (fmt, consistent, value) in enumerate(items):
+            parsed = fmt.parse(value)
+            fmt.check_space(parsed, "consistent" if consistent else "random")
+            parsed_at[i] = parsed
+            if not consistent:
+                randoms.append(i)
+                continue
+            scope = encode_parts((name.encode(), fmt.signature.encode(), ctx.encode()))
+            bidx = tk.blind_index(scope, fmt.index_bytes(parsed))
+            hit = self.cache.get(("i", bidx))
+            if hit is not MISSING:
+                out[i] = hit
+            else:
+                todo.setdefault(bidx, []).append(i)
+        if todo:
+            found = await self._store("by_index", self.table.by_index(list(todo)))
+            new: list[tuple[bytes, list[int]]] = []
+            for bidx, where in todo.items():
+                text = found.get(bidx)
+                if text is None:
+                    new.append((bidx, where))
+                else:
+                    self._remember(name, ctx, items, parsed_at, bidx, where, text)
+                    for i in where:
+                        out[i] = self._typed(parsed_at[i], text)
+            if new:
+                sem = asyncio.Semaphore(INSERT_CONCURRENCY)
+
+                async def first_write(bidx: bytes, where: list[int]) -> None:
+                    i = where[0]
+                    fmt, _, value = items[i]
+                    async with sem:
+                        text = await self._insert_consistent(
+                            name, context, ctx, tk, fmt, parsed_at[i], value, bidx
+                        )
+                    self._remember(name, ctx, items, parsed_at, bidx, where, text)
+                    for j in where:
+                        out[j] = self._typed(parsed_at[j], text)
+
+                await asyncio.gather(*(first_write(b, w) for b, w in new))
+        for i in randoms:
+            fmt, _, value = items[i]
+            out[i] = await self._insert_random(name, context, ctx, fmt, parsed_at[i], value)
+        self.stats["tokenized"] += len(items)
+        return out
+
+    @staticmethod
+    def _typed(parsed: Any, text: str) -> Any:
+        return int(text) if parsed.kind == "int" else text
+
+    def _remember(
+        self,
+        name: str,
+        ctx: str,
+        items: Sequence[tuple[TokenFormat, bool, Any]],
+        parsed_at: dict[int, Any],
+        bidx: bytes,
+        where: list[int],
+        text: str,
+    ) -> None:
+        i = where[0]
+        fmt, _, value = items[i]
+        self.cache.put(("i", bidx), self._typed(parsed_at[i], text))
+        self.cache.put(("v", name, fmt.signature, ctx, text), value)
+
+    async def _seal(
+        self, name: str, context: keymod.Context, fmt: TokenFormat, token: str, value: Any
+    ) -> tuple[str, int]:
+        plain = dumps_json(value)
+        cached = self.keys.cached_for_encrypt(name, context, len(plain))
+        if cached is None:
+            cached = await self.keys.for_encrypt(name, context, len(plain))
+        header = build_header(
+            cached.provider.type_name, name, cached.key_version, context, cached.wrapped
+        )
+        return seal(plain, cached.aead, header=header, label=token_label(fmt, token)), (
+            cached.key_version
+        )
+
+    async def _insert_consistent(
+        self,
+        name: str,
+        context: keymod.Context,
+        ctx: str,
+        tk: TokenKeys,
+        fmt: TokenFormat,
+        parsed: Any,
+        value: Any,
+        bidx: bytes,
+    ) -> str:
+        for attempt in range(MAX_ATTEMPTS):
+            text = str(fmt.render(parsed, tk.sampler(bidx, attempt)))
+            sealed, kek = await self._seal(name, context, fmt, text, value)
+            entry = VaultEntry(name, fmt.signature, ctx, text, bidx, sealed, kek, time.time())
+            stored = await self._store("insert", self.table.insert(entry))
+            if stored is not None:
+                return str(stored)
+        raise TokenSpaceError(f"no free {fmt.name} token after {MAX_ATTEMPTS} candidates")
+
+    async def _insert_random(
+        self,
+        name: str,
+        context: keymod.Context,
+        ctx: str,
+        fmt: TokenFormat,
+        parsed: Any,
+        value: Any,
+    ) -> Any:
+        for _ in range(MAX_ATTEMPTS):
+            token = fmt.render(parsed, Sampler(RandomSource()))
+            text = str(token)
+            sealed, kek = await self._seal(name, context, fmt, text, value)
+            entry = VaultEntry(name, fmt.signature, ctx, text, None, sealed, kek, time.time())
+            if await self._store("insert", self.table.insert(entry)) is not None:
+                self.cache.put(("v", name, fmt.signature, ctx, text), value)
+                return token
+        raise TokenSpaceError(f"no free {fmt.name} token after {MAX_ATTEMPTS} candidates")
+
+    # -- detokenize -------------------------------------------------------------------------
+
+    async def detokenize(
+        self, name: str, context: keymod.Context, items: Sequence[tuple[TokenFormat, Any]]
+    ) -> list[Any]:
+        """Values for (format, token) items, in order; :data:`MISSING` where the vault has no
+        such token (never tokenized here, or forgotten). All misses of the cache cost one
+        store call. A row that does not open raises CryptoError (fail closed)."""
+        ctx = context_text(context)
+        out: list[Any] = [MISSING] * len(items)
+        todo: dict[str, list[int]] = {}
+        for i, (fmt, token) in enumerate(items):
+            text = str(token)
+            hit = self.cache.get(("v", name, fmt.signature, ctx, text))
+            if hit is not MISSING:
+                out[i] = hit
+            else:
+                todo.setdefault(text, []).append(i)
+        if todo:
+            rows = await self._store("by_tokens", self.table.by_tokens(name, ctx, list(todo)))
+            by_key = {(sig, token): sealed for sig, token, sealed in rows}
+            for text, where in todo.items():
+                for i in where:
+                    fmt = items[i][0]
+                    sealed = by_key.get((fmt.signature, text))
+                    if sealed is None:
+                        continue
+                    value = await self.open(name, context, fmt, text, sealed)
+                    self.cache.put(("v", name, fmt.signature, ctx, text), value)
+                    out[i] = value
+        self.stats["detokenized"] += len(items)
+        return out
+
+    async def open(
+        self, name: str, context: keymod.Context, fmt: TokenFormat, token: str, sealed: str
+    ) -> Any:
+        """Authenticate and decrypt one vault row (its key, context, format and token)."""
+        label = f"token {fmt.name}"
+        env = parse(sealed)
+        if env.key_name != name:
+            raise CryptoError(f"a vault row for {label} is sealed under another key")
+        if env.context != context:
+            raise CryptoError(
+                f"a vault row for {label} is bound to another context", code="context_mismatch"
+            )
+        aead = self.keys.cached_for_decrypt(env.wrapped)
+        if aead is None:
+            aead = await self.keys.for_decrypt(
+                env.key_name, env.wrapped, env.key_version, env.context
+            )
+        try:
+            return decrypt_value(env, aead, token_label(fmt, token))
+        except CryptoError:
+            raise CryptoError(
+                f"a vault row for {label} does not authenticate (altered, or moved from "
+                "another token, format or context)",
+                code="vault_tampered",
+            ) from None
