@@ -29,7 +29,6 @@ from ..errors import (
     AccessDenied,
     AuditError,
     CryptoError,
-    KeyProviderError,
     RequestError,
     SidecryptError,
     UpstreamError,
@@ -38,10 +37,13 @@ from ..events import AuditEvent, new_event
 from ..hookcall import DirectHook
 from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers, build_stores
+from ..tokens.table import vault_table
+from ..tokens.vault import Vault
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .incoming import RequestView, base_request
 from .routes import CompiledRoute, Router
+from .tokenize import TokenFields
 from .upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,8 @@ def error_response(exc: SidecryptError, request_id: str | None = None) -> web.Re
     body = exc.to_json()
     if request_id:
         body["error"]["request_id"] = request_id
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, KeyProviderError) else None
+    retry = getattr(exc, "retry_after", None)  # key provider or store (vault) unavailable
+    headers = {"Retry-After": str(retry)} if retry is not None and exc.status == 503 else None
     return web.json_response(body, status=exc.status, headers=headers)
 
 
@@ -80,6 +83,7 @@ class Proxy:
         self.keys = keys
         self.router = Router(settings.routes, default_max_body=settings.server.max_body_size)
         self.fields = FieldCrypto(keys)
+        self.tokens: TokenFields | None = None  # set by create_app when a route tokenizes
         self.base = URL(settings.upstream.url)
         # Host as RFC 9110 writes it: the scheme's default port left out, IPv6 in brackets.
         self.upstream_host = self.base.host_port_subcomponent or ""
@@ -145,6 +149,10 @@ class Proxy:
                     )
                 step = "context"
                 context = route.context(headers, params, request.query)
+                target: str | None = None
+                if route.tokens is not None and route.tokens.lookups:
+                    step = "lookup"
+                    target = await self._lookup_target(request, route, context)
                 body: bytes | None = None
                 if route.needs_request_body:
                     step = "request_body"
@@ -153,7 +161,7 @@ class Proxy:
                         step = "request_transform"
                         body = await self._transform_request(request, route, body, context)
                 step = "upstream"
-                response = await self._forward(request, route, context, body)
+                response = await self._forward(request, route, context, body, target)
         except SidecryptError as exc:
             self._log_failure(request, route, step, exc)
             response = error_response(exc, rid)
@@ -247,11 +255,66 @@ class Proxy:
             except CryptoError as exc:  # the client sent a token we cannot open: its mistake
                 raise RequestError(exc.message, status=400, code=exc.code) from None
             self._field_event("decrypt_fields", request, route, context, labels)
+        if route.tokens_request:
+            body = await self._request_tokens(request, route, body, context)
         if route.request_encrypt:
             body, labels = await self.fields.encrypt_body(
                 body, route, route.request_encrypt, context
             )
             self._field_event("encrypt_fields", request, route, context, labels)
+        return body
+
+    def _token_fields(self, route: CompiledRoute) -> tuple[TokenFields, str]:
+        if self.tokens is None or route.key is None:  # config checks make this unreachable
+            raise CryptoError(f"route {route.label} tokenizes but has no vault or key")
+        return self.tokens, route.key
+
+    async def _lookup_target(self, request: RequestView, route: CompiledRoute, context: Any) -> str:
+        tokens, name = self._token_fields(route)
+        target, labels = await tokens.lookup_target(request.raw_path, name, route.tokens, context)
+        self._field_event("tokenize_fields", request, route, context, labels)
+        return target
+
+    async def _request_tokens(
+        self, request: RequestView, route: CompiledRoute, body: bytes, context: Any
+    ) -> bytes:
+        tokens, name = self._token_fields(route)
+        rules = route.tokens
+        if rules.request_detokenize:  # a client that sends tokens it wants resolved
+            body, labels, _ = await tokens.detokenize_body(
+                body, name, rules.request_detokenize, context
+            )
+            self._field_event("detokenize_fields", request, route, context, labels)
+        if rules.request_tokenize:
+            body, labels = await tokens.tokenize_body(body, name, rules.request_tokenize, context)
+            self._field_event("tokenize_fields", request, route, context, labels)
+        return body
+
+    async def _response_tokens(
+        self, request: RequestView, route: CompiledRoute, body: bytes, context: Any
+    ) -> bytes:
+        tokens, name = self._token_fields(route)
+        rules = route.tokens
+        if rules.response_detokenize:
+            decide = self._decider(request, route)
+            try:
+                body, labels, _outcomes = await tokens.detokenize_body(
+                    body, name, rules.response_detokenize, context, decide=decide
+                )
+            except RequestError as exc:
+                raise _upstream_body_error(exc) from None
+            self._field_event("detokenize_fields", request, route, context, labels)
+            rid = request[appkeys.REQUEST_ID]
+            for event in decide.audit_events(request_id=rid, context=dict(context)):
+                self.audit(event)
+        if rules.response_tokenize:
+            try:
+                body, labels = await tokens.tokenize_body(
+                    body, name, rules.response_tokenize, context
+                )
+            except RequestError as exc:
+                raise _upstream_body_error(exc) from None
+            self._field_event("tokenize_fields", request, route, context, labels)
         return body
 
     def _field_event(
@@ -289,6 +352,7 @@ class Proxy:
         route: CompiledRoute | None,
         context: Any,
         body: bytes | None,
+        target: str | None = None,
     ) -> web.StreamResponse:
         assert self.pool is not None
         transformed = body is not None
@@ -310,7 +374,7 @@ class Proxy:
             data = await self._read_whole(request.content)
         else:
             data = forward.iter_body(request.content, self.settings.server.body_timeout)
-        target = forward.upstream_target(self.base_path, request.raw_path)
+        target = forward.upstream_target(self.base_path, target or request.raw_path)
         started = time.perf_counter()
         upstream = await self.pool.request(request.method, target, headers, data)
         try:
@@ -381,7 +445,11 @@ class Proxy:
     ) -> web.StreamResponse:
         no_body = request.method == "HEAD" or upstream.status in (204, 304)
         json_body = is_json(upstream.content_type)
-        if no_body or (not json_body and not route.response_encrypt):
+        if no_body or (
+            not json_body
+            and not route.response_encrypt
+            and not (route.tokens_response and route.tokens.response_tokenize)
+        ):
             return await self._respond_streamed(request, upstream)
         if not json_body:
             raise UpstreamError(
@@ -424,6 +492,8 @@ class Proxy:
             for label, outcome in outcomes:
                 if outcome == "error":
                     self._field_event("reveal", request, route, context, [label], outcome=outcome)
+        if route.tokens_response:
+            body = await self._response_tokens(request, route, body, context)
         if route.response_encrypt:
             try:
                 body, labels = await self.fields.encrypt_body(
@@ -490,6 +560,18 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
         audit=lambda event: pm.hook.sidecrypt_audit(event=event),
     )
     proxy = Proxy(settings, pm, keys)
+    if settings.vault_store is not None:
+        t = settings.tokens
+        proxy.tokens = TokenFields(
+            Vault(
+                None,  # the store's table, once the store has started (_lifespan)
+                keys,
+                cache_entries=t.cache_entries,
+                cache_ttl=t.cache_ttl,
+                audit=lambda event: pm.hook.sidecrypt_audit(event=event),
+            )
+        )
+        app[appkeys.VAULT] = proxy.tokens.vault
     app[appkeys.SETTINGS] = settings
     app[appkeys.PLUGIN_MANAGER] = pm
     app[appkeys.KEYS] = keys
@@ -518,6 +600,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         for store in app[appkeys.STORES].values():  # before providers: branch keys live there
             await store.start()
             stores.append(store)
+        if proxy.tokens is not None and settings.vault_store is not None:
+            proxy.tokens.vault.table = vault_table(app[appkeys.STORES][settings.vault_store])
         for provider in proxy.keys.providers.values():
             await provider.start()
             started.append(provider)

@@ -21,8 +21,9 @@ from .. import keys as keymod
 from ..envelope import build_header, decrypt_value, dumps_json, parse, seal
 from ..errors import CryptoError, KeyProviderError, SidecryptError
 from ..events import AuditEvent
+from ..stores.base import StoreError
 from .cache import MISSING, TokenCache
-from .formats import TokenFormat, TokenSpaceError
+from .formats import TokenFormat, TokenFormatError, TokenSpaceError
 from .index import ROOT_CONTEXT, TokenKeys, encode_parts
 from .stream import RandomSource, Sampler
 from .table import VaultEntry, VaultRoot, VaultTable
@@ -53,14 +54,14 @@ class Vault:
 
     def __init__(
         self,
-        table: VaultTable,
+        table: VaultTable | None,
         keys: keymod.DataKeyService,
         *,
         cache_entries: int = 100_000,
         cache_ttl: float = 300.0,
         audit: AuditFn = _no_audit,
     ) -> None:
-        self.table = table
+        self._table = table
         self.keys = keys
         self.audit = audit
         self.cache = TokenCache(cache_entries, cache_ttl)
@@ -72,6 +73,16 @@ class Vault:
 
     def __repr__(self) -> str:
         return f"Vault(cache={self.cache!r})"
+
+    @property
+    def table(self) -> VaultTable:
+        if self._table is None:
+            raise StoreError("the token vault's store is not started")
+        return self._table
+
+    @table.setter
+    def table(self, table: VaultTable | None) -> None:
+        self._table = table
 
     # -- the root of a key's blind index ----------------------------------------------------
 
@@ -171,9 +182,11 @@ class Vault:
         name: str,
         context: keymod.Context,
         items: Sequence[tuple[TokenFormat, bool, Any]],
+        labels: Sequence[str] | None = None,
     ) -> list[Any]:
         """Tokens for (format, consistent, value) items, in order. Consistent values the
-        cache does not hold are looked up in one store call; new ones are inserted."""
+        cache does not hold are looked up in one store call; new ones are inserted.
+        ``labels`` name the items in errors (a value that does not fit: TokenFormatError)."""
         ctx = context_text(context)
         tk = await self.token_keys(name)
         out: list[Any] = [None] * len(items)
@@ -181,8 +194,13 @@ class Vault:
         parsed_at: dict[int, Any] = {}
         randoms: list[int] = []
         for i, (fmt, consistent, value) in enumerate(items):
-            parsed = fmt.parse(value)
-            fmt.check_space(parsed, "consistent" if consistent else "random")
+            try:
+                parsed = fmt.parse(value)
+                fmt.check_space(parsed, "consistent" if consistent else "random")
+            except TokenFormatError as exc:
+                if labels is None:
+                    raise
+                raise type(exc)(f"{labels[i]}: {exc.message}") from None
             parsed_at[i] = parsed
             if not consistent:
                 randoms.append(i)
