@@ -44,9 +44,15 @@ def context_text(context: keymod.Context) -> str:
     return json.dumps([list(pair) for pair in context], ensure_ascii=False, separators=(",", ":"))
 
 
-def token_label(fmt: TokenFormat, token: str) -> str:
+def token_label(signature: str, token: str) -> str:
     """The AAD label of a sealed value: binds the row to its format and token."""
-    return f"token:{fmt.signature}:{token}"
+    return f"token:{signature}:{token}"
+
+
+def parse_context(text: str) -> keymod.Context:
+    """The inverse of :func:`context_text`."""
+    pairs = json.loads(text)
+    return tuple((str(k), str(v)) for k, v in pairs)
 
 
 class Vault:
@@ -264,8 +270,9 @@ class Vault:
         self.cache.put(("v", name, fmt.signature, ctx, text), value)
 
     async def _seal(
-        self, name: str, context: keymod.Context, fmt: TokenFormat, token: str, value: Any
+        self, name: str, context: keymod.Context, signature: str, token: str, value: Any
     ) -> tuple[str, int]:
+        """The value sealed under the key's current data key: (sc1 text, key version)."""
         plain = dumps_json(value)
         cached = self.keys.cached_for_encrypt(name, context, len(plain))
         if cached is None:
@@ -273,7 +280,7 @@ class Vault:
         header = build_header(
             cached.provider.type_name, name, cached.key_version, context, cached.wrapped
         )
-        return seal(plain, cached.aead, header=header, label=token_label(fmt, token)), (
+        return seal(plain, cached.aead, header=header, label=token_label(signature, token)), (
             cached.key_version
         )
 
@@ -290,7 +297,7 @@ class Vault:
     ) -> str:
         for attempt in range(MAX_ATTEMPTS):
             text = str(fmt.render(parsed, tk.sampler(bidx, attempt)))
-            sealed, kek = await self._seal(name, context, fmt, text, value)
+            sealed, kek = await self._seal(name, context, fmt.signature, text, value)
             entry = VaultEntry(name, fmt.signature, ctx, text, bidx, sealed, kek, time.time())
             stored = await self._store("insert", self.table.insert(entry))
             if stored is not None:
@@ -309,7 +316,7 @@ class Vault:
         for _ in range(MAX_ATTEMPTS):
             token = fmt.render(parsed, Sampler(RandomSource()))
             text = str(token)
-            sealed, kek = await self._seal(name, context, fmt, text, value)
+            sealed, kek = await self._seal(name, context, fmt.signature, text, value)
             entry = VaultEntry(name, fmt.signature, ctx, text, None, sealed, kek, time.time())
             if await self._store("insert", self.table.insert(entry)) is not None:
                 self.cache.put(("v", name, fmt.signature, ctx, text), value)
@@ -343,17 +350,17 @@ class Vault:
                     sealed = by_key.get((fmt.signature, text))
                     if sealed is None:
                         continue
-                    value = await self.open(name, context, fmt, text, sealed)
+                    value = await self.open(name, context, fmt.signature, text, sealed)
                     self.cache.put(("v", name, fmt.signature, ctx, text), value)
                     out[i] = value
         self.stats["detokenized"] += len(items)
         return out
 
     async def open(
-        self, name: str, context: keymod.Context, fmt: TokenFormat, token: str, sealed: str
+        self, name: str, context: keymod.Context, signature: str, token: str, sealed: str
     ) -> Any:
         """Authenticate and decrypt one vault row (its key, context, format and token)."""
-        label = f"token {fmt.name}"
+        label = f"token {signature.split(';', 1)[0]}"
         env = parse(sealed)
         if env.key_name != name:
             raise CryptoError(f"a vault row for {label} is sealed under another key")
@@ -367,7 +374,7 @@ class Vault:
                 env.key_name, env.wrapped, env.key_version, env.context
             )
         try:
-            return decrypt_value(env, aead, token_label(fmt, token))
+            return decrypt_value(env, aead, token_label(signature, token))
         except CryptoError:
             raise CryptoError(
                 f"a vault row for {label} does not authenticate (altered, or moved from "
