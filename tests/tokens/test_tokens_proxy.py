@@ -144,6 +144,14 @@ async def test_a_typed_legacy_app_keeps_working(
             assert resp.status == 400
             assert (await resp.json())["error"]["code"] == "token_format"
         assert len(upstream.seen) == seen
+        # Metrics: vault calls and cache figures, field counts; no value in any label.
+        async with http.get(f"{proxy.admin_url}/metrics") as resp:
+            metrics = await resp.text()
+        assert 'sidecrypt_vault_calls_total{operation="insert",outcome="ok"}' in metrics
+        assert "sidecrypt_vault_cache_hits_total" in metrics
+        assert 'operation="tokenize"' in metrics and 'operation="detokenize"' in metrics
+        for person in PEOPLE:
+            assert person["email"] not in metrics and person["ssn"] not in metrics
     everything = upstream.all_bytes()
     for person in PEOPLE:
         for field in ("ssn", "email", "card", "secret"):

@@ -74,8 +74,9 @@ class Vault:
         self._roots: dict[str, TokenKeys] = {}
         self._root_locks: dict[str, asyncio.Lock] = {}
         self.stats: dict[str, int] = {"store_calls": 0, "tokenized": 0, "detokenized": 0}
-        self.store_seconds = 0.0
-        self.observers: list[Callable[[str, float, bool], None]] = []  # (op, seconds, ok)
+        # Store calls by (operation, "ok"|"error") and their seconds by operation (metrics).
+        self.calls: dict[tuple[str, str], int] = {}
+        self.seconds: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"Vault(cache={self.cache!r})"
@@ -174,12 +175,16 @@ class Vault:
             result = await call
             ok = True
             return result
+        except SidecryptError:
+            raise
+        except Exception as exc:  # a backend that let a driver error through: still a 503
+            raise StoreError(f"the token vault's {op} failed ({type(exc).__name__})") from exc
         finally:
             seconds = time.perf_counter() - started
             self.stats["store_calls"] += 1
-            self.store_seconds += seconds
-            for observe in self.observers:
-                observe(op, seconds, ok)
+            outcome = (op, "ok" if ok else "error")
+            self.calls[outcome] = self.calls.get(outcome, 0) + 1
+            self.seconds[op] = self.seconds.get(op, 0.0) + seconds
 
     # -- tokenize ---------------------------------------------------------------------------
 
