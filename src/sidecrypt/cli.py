@@ -103,6 +103,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     if args.keys_verb == "list" and getattr(args, "config", None):
         return _list_configured_keys(args.config)
+    if args.keys_verb in ("rotate", "forget") and getattr(args, "config", None):
+        return _branch_keys_admin(args)
+    if args.keys_verb == "rotate" and not args.keyring:
+        raise ConfigError("keys rotate needs --keyring FILE or --config FILE")
     master = config.SecretRef(env=args.master_key_env).resolve() if args.master_key_env else None
     if args.keys_verb in ("create", "rotate"):
         if args.keys_verb == "create":
@@ -116,6 +120,30 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return _audit_key_admin(args.audit_config, f"key_{args.keys_verb}", info)
     else:
         _out(local_keys.list_keys(Path(args.keyring), master=master))
+    return 0
+
+
+def _branch_keys_admin(args: argparse.Namespace) -> int:
+    """``keys rotate|forget --config``: branch keys of configured keys (branch_admin.py)."""
+    from . import branch_admin
+    from .plugin_manager import make_plugin_manager
+    from .plugins.audit import record_events
+
+    settings = config.load(args.config)
+    if args.keys_verb == "rotate":
+        done = asyncio.run(branch_admin.rotate(settings, args.name, args.branch))
+    else:
+        done = asyncio.run(branch_admin.forget(settings, args.branch, args.key))
+    _out(done)
+    try:
+        found = branch_admin.events(f"branch_key_{args.keys_verb}", done)
+        asyncio.run(record_events(settings, make_plugin_manager(), found))
+    except SidecryptError as exc:
+        print(
+            f"sidecrypt: done, but the audit trail did not record it: {exc.message}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -300,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("create", "create a key"), ("rotate", "add a new key version")):
         p = ksub.add_parser(name, help=help_)
         _common(p)
-        p.add_argument("--keyring", required=True)
+        p.add_argument("--keyring", required=name == "create")
+        if name == "rotate":
+            p.add_argument("--config", "-c", help="rotate the branch key of a configured key")
+            p.add_argument("--branch", help="with --config: only this branch, e.g. tenant=acme")
         p.add_argument("--master-key-env", default=None, help="env var holding the master key")
         p.add_argument("name")
         if name == "create":
@@ -311,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="record this key administration in the audit trail of this config",
         )
         p.set_defaults(fn=cmd_keys)
+    p = ksub.add_parser("forget", help="destroy a branch's keys (crypto-shredding)")
+    _common(p)
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--branch", required=True, help="NAME=VALUE, e.g. tenant=acme")
+    p.add_argument("--key", help="only this configured key")
+    p.set_defaults(fn=cmd_keys)
     p = ksub.add_parser("list", help="list keys, versions and states")
     _common(p)
     where = p.add_mutually_exclusive_group(required=True)

@@ -170,6 +170,9 @@ class DataKeyLimits(Model):
     max_bytes: int = Field(1 << 34, ge=1)
     decrypt_entries: int = Field(10_000, ge=1)
     decrypt_ttl: float = Field(300.0, gt=0)
+    decrypt_concurrency: int = Field(
+        16, ge=1, le=256, description="provider calls in flight to unwrap one response's keys"
+    )
 
 
 class Audit(Model):

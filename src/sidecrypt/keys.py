@@ -10,6 +10,7 @@ into :class:`~sidecrypt.errors.KeyProviderError`. This module knows no HTTP and 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,6 +21,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict
 
+from .crypto.hierarchy.options import HierarchyOptions
 from .errors import CryptoError, KeyProviderError, SidecryptError
 from .events import AuditEvent
 
@@ -53,6 +55,8 @@ class ProviderOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     provider: str
+    hierarchy: HierarchyOptions | None = None
+    """Branch keys (crypto/hierarchy): the provider wraps branch keys, not data keys."""
 
 
 @runtime_checkable
@@ -102,6 +106,7 @@ class CacheLimits:
     max_bytes: int = 1 << 34
     decrypt_entries: int = 10_000
     decrypt_ttl: float = 300.0
+    decrypt_concurrency: int = 16
 
     def __post_init__(self) -> None:
         if not 0 < self.max_uses <= 1 << 32:
@@ -180,6 +185,18 @@ class DataKeyService:
         except KeyError:
             raise CryptoError(f"unknown key {name!r}", code="unknown_key") from None
 
+    def provider_for(self, name: str, provider_type: str) -> KeyProvider:
+        """The provider that unwraps a token of ``provider_type`` under key ``name``: the
+        key's own, or for a key that gained a hierarchy since, the provider underneath it
+        (``legacy``) for the tokens it wrapped directly."""
+        provider = self.provider(name)
+        if provider.type_name == provider_type:
+            return provider
+        legacy = getattr(provider, "legacy", None)
+        if legacy is not None and legacy.type_name == provider_type:
+            return legacy  # type: ignore[no-any-return]
+        raise CryptoError(f"key {name!r} is not a {provider_type} key")
+
     # -- encrypt side -----------------------------------------------------------------------
 
     def cached_for_encrypt(self, name: str, context: Context, nbytes: int) -> CachedKey | None:
@@ -240,7 +257,8 @@ class DataKeyService:
                 or not 0 < len(key.wrapped) <= MAX_WRAPPED_BYTES
             ):
                 raise KeyProviderError(f"key {name!r}: provider returned a malformed data key")
-            cached = CachedKey(provider, key, self._clock() + self.limits.max_age)
+            age = min(self.limits.max_age, float(getattr(provider, "decrypt_ttl", math.inf)))
+            cached = CachedKey(provider, key, self._clock() + age)
             self._enc[(name, context)] = cached
             self.audit(
                 AuditEvent(
@@ -302,8 +320,41 @@ class DataKeyService:
         self.stats["decrypt_hits"] += 1
         return aead
 
+    async def for_decrypt_many(
+        self, wanted: Mapping[bytes, tuple[str, str, int, Context]]
+    ) -> dict[bytes, AESGCM | SidecryptError]:
+        """Unwrap many distinct data keys at once: ``wrapped -> (name, provider type, version,
+        context)``. Concurrent (at most ``decrypt_concurrency`` provider calls in flight),
+        single-flight per wrapped key; a failure is returned for its key, not raised, so
+        the caller applies its per-field error policy."""
+        limit = asyncio.Semaphore(self.limits.decrypt_concurrency)
+
+        async def one(wrapped: bytes, spec: tuple[str, str, int, Context]) -> AESGCM:
+            cached = self.cached_for_decrypt(wrapped)
+            if cached is not None:
+                return cached
+            async with limit:
+                name, ptype, version, context = spec
+                return await self.for_decrypt(name, wrapped, version, context, provider_type=ptype)
+
+        items = list(wanted.items())
+        results = await asyncio.gather(*(one(w, spec) for w, spec in items), return_exceptions=True)
+        out: dict[bytes, AESGCM | SidecryptError] = {}
+        for (wrapped, _), result in zip(items, results, strict=True):
+            if isinstance(result, SidecryptError | AESGCM):
+                out[wrapped] = result
+            elif isinstance(result, BaseException):
+                raise result
+        return out
+
     async def for_decrypt(
-        self, name: str, wrapped: bytes, key_version: int, context: Context
+        self,
+        name: str,
+        wrapped: bytes,
+        key_version: int,
+        context: Context,
+        *,
+        provider_type: str | None = None,
     ) -> AESGCM:
         """The AEAD for a wrapped data key, unwrapping it at most once at a time.
 
@@ -314,7 +365,10 @@ class DataKeyService:
         cached = self.cached_for_decrypt(wrapped)
         if cached is not None:
             return cached
-        provider = self.provider(name)
+        if provider_type is None:
+            provider = self.provider(name)
+        else:
+            provider = self.provider_for(name, provider_type)
         if not 0 < len(wrapped) <= MAX_WRAPPED_BYTES:
             raise CryptoError("wrapped data key has an invalid length")
 
@@ -327,7 +381,8 @@ class DataKeyService:
             if len(plaintext) != DATA_KEY_BYTES:
                 raise KeyProviderError(f"key {name!r}: provider returned a malformed data key")
             aead = AESGCM(plaintext)
-            expires = self._clock() + self.limits.decrypt_ttl
+            ttl = min(self.limits.decrypt_ttl, float(getattr(provider, "decrypt_ttl", math.inf)))
+            expires = self._clock() + ttl
             grace = float(getattr(provider, "outage_grace", 0.0))
             self._dec[wrapped] = (aead, expires, expires + grace)
             while len(self._dec) > self.limits.decrypt_entries:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import pluggy
 
 from . import PROJECT, hookspecs
 from .config import Settings, validate_provider_options, validate_store_options
-from .errors import PluginError
+from .crypto.hierarchy.options import HierarchyOptions
+from .errors import ConfigError, PluginError
 from .keys import KeyProvider
 from .stores.base import Store
 
@@ -79,16 +80,57 @@ def provider_types(pm: pluggy.PluginManager) -> dict[str, type[KeyProvider]]:
     return found
 
 
-def build_providers(settings: Settings, pm: pluggy.PluginManager) -> dict[str, KeyProvider]:
-    """One provider per ``keys.<name>`` block, options validated against its type's model."""
+def build_providers(
+    settings: Settings,
+    pm: pluggy.PluginManager,
+    stores: Mapping[str, Store] | None = None,
+) -> dict[str, KeyProvider]:
+    """One provider per ``keys.<name>`` block, options validated against its type's model.
+
+    A key with ``hierarchy:`` gets a :class:`HierarchicalProvider` around its provider, on
+    the named store from ``stores`` (the app's, started before the providers). Without
+    ``stores`` (CLI, offline), each such provider builds, starts and closes its own store.
+    """
     types = provider_types(pm)
     options = validate_provider_options(
         settings, lambda kind: types[kind].options_model if kind in types else None
     )
-    return {
-        name: types[settings.keys[name]["provider"]].create(name, opts, base_dir=settings.base_dir)
-        for name, opts in options.items()
-    }
+    out: dict[str, KeyProvider] = {}
+    own: dict[str, Store] | None = None
+    for name, opts in options.items():
+        provider = types[settings.keys[name]["provider"]].create(
+            name, opts, base_dir=settings.base_dir
+        )
+        hierarchy = getattr(opts, "hierarchy", None)
+        if hierarchy is not None:
+            if hierarchy.store not in settings.stores:
+                raise ConfigError(
+                    f"no store named {hierarchy.store!r} (add it under stores:)",
+                    file=settings.source,
+                    path=f"keys.{name}.hierarchy.store",
+                )
+            if stores is None:
+                own = own if own is not None else build_stores(settings, pm)
+                provider = _hierarchical(provider, hierarchy, own[hierarchy.store], owned=True)
+            else:
+                provider = _hierarchical(provider, hierarchy, stores[hierarchy.store], owned=False)
+        out[name] = provider
+    return out
+
+
+def _hierarchical(
+    provider: KeyProvider, options: HierarchyOptions, store: Store, *, owned: bool
+) -> KeyProvider:
+    from .crypto.hierarchy import branch_keys
+    from .crypto.hierarchy.provider import HierarchicalProvider
+
+    # The store's table exists once it has started, hence the late lookup.
+    return HierarchicalProvider(  # type: ignore[return-value]
+        provider,
+        options,
+        lambda: branch_keys(store),
+        lifecycle=(store.start, store.close) if owned else None,
+    )
 
 
 def store_types(pm: pluggy.PluginManager) -> dict[str, type[Store]]:

@@ -87,6 +87,10 @@ class _StateCollector:
                 value=stats.get("provider_errors", 0),
             )
             yield from _key_service_metrics(keys.providers)
+            yield from _branch_key_metrics(keys.providers)
+        stores = self.app.get(appkeys.STORES)
+        if stores:
+            yield from _store_metrics(stores)
         vault = self.app.get(appkeys.VAULT)
         if vault is not None:
             yield from _vault_metrics(vault)
@@ -235,6 +239,40 @@ def _key_service_metrics(providers: Mapping[str, Any]) -> Iterator[Metric]:
             outage.add_metric(key, float(outage_seconds()))
     if found:
         yield from (requests, short, retries, opened, state, outage)
+
+
+def _branch_key_metrics(providers: Mapping[str, Any]) -> Iterator[Metric]:
+    """Branch key cache figures of keys with a hierarchy (crypto/hierarchy/provider.py):
+    hits (no store, no provider call), misses (one provider unwrap each), revalidated (one
+    store read), created, stale_hits/stale_active (served through an outage), unknown."""
+    family = CounterMetricFamily(
+        "sidecrypt_branch_key_cache",
+        "Branch key lookups by result (a miss is one key provider call)",
+        labels=["key", "result"],
+    )
+    found = False
+    for name, provider in providers.items():
+        stats = getattr(provider, "branch_stats", None)
+        if stats is None:
+            continue
+        found = True
+        for result in ("hits", "misses", "revalidated", "created", "stale_hits", "unknown"):
+            family.add_metric([name, result], stats.get(result, 0))
+    if found:
+        yield family
+
+
+def _store_metrics(stores: Mapping[str, Any]) -> Iterator[Metric]:
+    """Calls to each store by operation and outcome (``store.calls``)."""
+    family = CounterMetricFamily(
+        "sidecrypt_store_calls",
+        "Store calls by operation and outcome",
+        labels=["store", "type", "operation", "outcome"],
+    )
+    for name, store in stores.items():
+        for (op, outcome), n in sorted(dict(getattr(store, "calls", {})).items()):
+            family.add_metric([name, str(store.type_name), op, outcome], n)
+    yield family
 
 
 class Metrics:

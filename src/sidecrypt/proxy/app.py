@@ -69,8 +69,8 @@ def error_response(exc: SidecryptError, request_id: str | None = None) -> web.Re
     body = exc.to_json()
     if request_id:
         body["error"]["request_id"] = request_id
-    retry = getattr(exc, "retry_after", None)  # key provider or store (vault) unavailable
-    headers = {"Retry-After": str(retry)} if retry is not None and exc.status == 503 else None
+    retry = getattr(exc, "retry_after", None)  # key provider or store unavailable
+    headers = {"Retry-After": str(retry)} if isinstance(retry, int) else None
     return web.json_response(body, status=exc.status, headers=headers)
 
 
@@ -546,7 +546,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
         handler_args={"max_field_size": settings.server.max_header_size, "auto_decompress": False},
     )
     stores = build_stores(settings, pm)
-    providers = build_providers(settings, pm)
+    providers = build_providers(settings, pm, stores)
     limits = settings.data_keys
     keys = DataKeyService(
         providers,
@@ -556,6 +556,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
             max_bytes=limits.max_bytes,
             decrypt_entries=limits.decrypt_entries,
             decrypt_ttl=limits.decrypt_ttl,
+            decrypt_concurrency=limits.decrypt_concurrency,
         ),
         audit=lambda event: pm.hook.sidecrypt_audit(event=event),
     )

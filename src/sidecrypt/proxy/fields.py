@@ -225,6 +225,7 @@ class FieldCrypto:
         # A policy decider may carry its own masking rules (keep_last, mask char).
         masker: Callable[[str, Any], str] = getattr(decide, "mask", None) or _default_mask
         vetted: bytes | None = None  # the header whose key and context checks passed
+        unwrapped = await self._unwrap_all(slots, route, context, decide)
         for container, key, lab in slots:
             value = container[key]
             outcome = decide(lab) if decide is not None else "reveal"
@@ -252,7 +253,10 @@ class FieldCrypto:
                 if env.header is not vetted:  # tokens of one data key share the header object
                     self._vet(env, route, context, lab)
                     vetted = env.header
-                aead = self.keys.cached_for_decrypt(env.wrapped)
+                found = unwrapped.get(env.wrapped)
+                if isinstance(found, SidecryptError):
+                    raise found
+                aead = found or self.keys.cached_for_decrypt(env.wrapped)
                 if aead is None:
                     aead = await self._unwrap(env)
                 plain = decrypt_value(env, aead, lab)
@@ -268,6 +272,44 @@ class FieldCrypto:
                 container[key] = plain
             labels.append(lab)
         return _serialise(doc), labels, outcomes
+
+    async def _unwrap_all(
+        self,
+        slots: Sequence[_Slot],
+        route: CompiledRoute,
+        context: keys.Context,
+        decide: Decide | None,
+    ) -> dict[bytes, AESGCM | SidecryptError]:
+        """A cold list: every distinct data key not cached, unwrapped in one concurrent round
+        (bounded, single-flight per key) instead of one provider call after another. Only
+        tokens that will be decrypted (outcome reveal or mask) and that pass the route's key
+        and context checks are unwrapped; the field loop reports everything else."""
+        wanted: dict[bytes, tuple[str, str, int, keys.Context]] = {}
+        cached = self.keys.cached_for_decrypt
+        for container, key, lab in slots:
+            value = container[key]
+            if not is_envelope(value):
+                continue
+            try:
+                env = parse(value)
+            except CryptoError:
+                continue
+            if env.wrapped in wanted or cached(env.wrapped) is not None:
+                continue
+            if decide is not None and decide(lab) not in ("reveal", "mask"):
+                continue
+            try:
+                self._vet(env, route, context, lab)
+            except CryptoError:
+                continue
+            wanted[env.wrapped] = (env.key_name, env.provider, env.key_version, env.context)
+        if len(wanted) < 2:
+            return {}  # nothing to batch: the loop unwraps (or finds) it
+        results = await self.keys.for_decrypt_many(wanted)
+        for failure in results.values():
+            if isinstance(failure, SidecryptError) and not isinstance(failure, CryptoError):
+                raise failure  # provider unavailable: 503 for the whole response
+        return results
 
     async def open_token(
         self, token: str, route: CompiledRoute, context: keys.Context, label: str
@@ -292,9 +334,12 @@ class FieldCrypto:
             raise CryptoError(
                 f"field {label} was encrypted under key {env.key_name!r}, not this route's"
             )
-        provider = self.keys.provider(env.key_name)
-        if env.provider != provider.type_name:
-            raise CryptoError(f"field {label}: key {env.key_name!r} is not a {env.provider} key")
+        try:
+            self.keys.provider_for(env.key_name, env.provider)
+        except CryptoError:
+            raise CryptoError(
+                f"field {label}: key {env.key_name!r} is not a {env.provider} key"
+            ) from None
         if route.has_context and env.context != context:
             raise CryptoError(
                 f"field {label}: encryption context mismatch", code="context_mismatch"
@@ -329,7 +374,9 @@ class FieldCrypto:
         return _serialise(doc), moved
 
     async def _unwrap(self, env: Envelope) -> AESGCM:
-        return await self.keys.for_decrypt(env.key_name, env.wrapped, env.key_version, env.context)
+        return await self.keys.for_decrypt(
+            env.key_name, env.wrapped, env.key_version, env.context, provider_type=env.provider
+        )
 
     async def transform_document(
         self,

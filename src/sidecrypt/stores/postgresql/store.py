@@ -108,6 +108,8 @@ class PostgresStore:
         return pool
 
     async def start(self) -> None:
+        if self._tables:  # started already (a store shared by several keys)
+            return
         await self._connect()
         if self.options.auto_migrate:
             await self.migrate()

@@ -83,6 +83,8 @@ class SqliteStore:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._tables:  # started already (a store shared by several keys)
+            return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 1, thread_name_prefix=f"sidecrypt-store-{self.name}"
