@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.stores.conftest import make_store, store_block, store_kind  # noqa: F401
 
 from sidecrypt import config
 from sidecrypt.events import AuditEvent
@@ -30,7 +29,7 @@ def keyring(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def make_vault(
-    make_store: Any,  # noqa: F811
+    make_store: Any,
     keyring: Path,
     tmp_path: Path,
 ) -> AsyncIterator[MakeVault]:
