@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import os
 import struct
-from hashlib import sha256
 from typing import Protocol
 
 _U32 = struct.Struct(">I")
@@ -50,7 +49,7 @@ class HmacStream:
         while len(self._buf) < n:
             if self._counter >= MAX_BLOCKS:
                 raise RuntimeError("token stream exhausted")
-            block = hmac.new(self._key, self._prefix + _U32.pack(self._counter), sha256).digest()
+            block = hmac.digest(self._key, self._prefix + _U32.pack(self._counter), "sha256")
             self._counter += 1
             self._buf += block
         out, self._buf = self._buf[:n], self._buf[n:]
@@ -98,4 +97,4 @@ class Sampler:
 
 
 def hmac_sha256(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, sha256).digest()
+    return hmac.digest(key, data, "sha256")  # the one-shot C implementation

@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 from .. import keys as keymod
@@ -39,9 +40,16 @@ def _no_audit(event: AuditEvent) -> None:
     return None
 
 
+@lru_cache(maxsize=4096)
 def context_text(context: keymod.Context) -> str:
     """The canonical text of an encryption context, as stored in vault rows."""
     return json.dumps([list(pair) for pair in context], ensure_ascii=False, separators=(",", ":"))
+
+
+@lru_cache(maxsize=4096)
+def _scope(name: str, signature: str, ctx: str) -> bytes:
+    """The blind index's scope: key, format and context (length-prefixed)."""
+    return encode_parts((name.encode(), signature.encode(), ctx.encode()))
 
 
 def token_label(signature: str, token: str) -> str:
@@ -199,12 +207,27 @@ class Vault:
         cache does not hold are looked up in one store call; new ones are inserted.
         ``labels`` name the items in errors (a value that does not fit: TokenFormatError)."""
         ctx = context_text(context)
-        tk = await self.token_keys(name)
         out: list[Any] = [None] * len(items)
+        cache = self.cache
+        misses = []
+        for i, (fmt, consistent, value) in enumerate(items):
+            # Hot path: a consistent value tokenized before (only values that fit their format
+            # are ever cached, so no parse is needed); the JSON type is part of the key.
+            if consistent:
+                hit = cache.get(("t", name, fmt.signature, ctx, type(value), value))
+                if hit is not MISSING:
+                    out[i] = hit
+                    continue
+            misses.append(i)
+        self.stats["tokenized"] += len(items)
+        if not misses:
+            return out
+        tk = await self.token_keys(name)
         todo: dict[bytes, list[int]] = {}  # consistent: bidx -> item positions
         parsed_at: dict[int, Any] = {}
         randoms: list[int] = []
-        for i, (fmt, consistent, value) in enumerate(items):
+        for i in misses:
+            fmt, consistent, value = items[i]
             try:
                 parsed = fmt.parse(value)
                 fmt.check_space(parsed, "consistent" if consistent else "random")
@@ -216,13 +239,8 @@ class Vault:
             if not consistent:
                 randoms.append(i)
                 continue
-            scope = encode_parts((name.encode(), fmt.signature.encode(), ctx.encode()))
-            bidx = tk.blind_index(scope, fmt.index_bytes(parsed))
-            hit = self.cache.get(("i", bidx))
-            if hit is not MISSING:
-                out[i] = hit
-            else:
-                todo.setdefault(bidx, []).append(i)
+            bidx = tk.blind_index(_scope(name, fmt.signature, ctx), fmt.index_bytes(parsed))
+            todo.setdefault(bidx, []).append(i)
         if todo:
             found = await self._store("by_index", self.table.by_index(list(todo)))
             new: list[tuple[bytes, list[int]]] = []
@@ -252,7 +270,6 @@ class Vault:
         for i in randoms:
             fmt, _, value = items[i]
             out[i] = await self._insert_random(name, context, ctx, fmt, parsed_at[i], value)
-        self.stats["tokenized"] += len(items)
         return out
 
     @staticmethod
@@ -269,9 +286,10 @@ class Vault:
         where: list[int],
         text: str,
     ) -> None:
-        i = where[0]
-        fmt, _, value = items[i]
-        self.cache.put(("i", bidx), self._typed(parsed_at[i], text))
+        for i in where:
+            fmt, _, value = items[i]
+            token = self._typed(parsed_at[i], text)
+            self.cache.put(("t", name, fmt.signature, ctx, type(value), value), token)
         self.cache.put(("v", name, fmt.signature, ctx, text), value)
 
     async def _seal(
