@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 from ..errors import RequestError
@@ -105,7 +106,7 @@ class TokenFormat:
     def default_keep_last(self) -> int:
         return 0
 
-    @property
+    @cached_property
     def signature(self) -> str:
         """Name and options in canonical form: tokens of different formats never mix."""
         parts = [self.name, f"kf={self.keep_first}", f"kl={self.keep_last}"]
