@@ -371,6 +371,12 @@ class Route(Model):
         )
         if has_fields and self.key is None:
             raise ValueError("a route with field rules needs a key")
+        segments = self.match.path.split("/")[1:]
+        for name in self.lookup.path:
+            if f"{{{name}}}" not in segments:
+                raise ValueError(f"lookup.path.{name}: the pattern has no {{{name}}} segment")
+            if "**" in segments[: segments.index(f"{{{name}}}")]:
+                raise ValueError(f"lookup.path.{name}: {{{name}}} must come before any '**'")
         return self
 
     @property
