@@ -281,9 +281,12 @@ class Proxy:
         tokens, name = self._token_fields(route)
         rules = route.tokens
         if rules.request_detokenize:  # a client that sends tokens it wants resolved
-            body, labels, _ = await tokens.detokenize_body(
-                body, name, rules.request_detokenize, context
-            )
+            try:
+                body, labels, _ = await tokens.detokenize_body(
+                    body, name, rules.request_detokenize, context
+                )
+            except CryptoError as exc:  # as with request decrypt: the client's token, a 400
+                raise RequestError(exc.message, status=400, code=exc.code) from None
             self._field_event("detokenize_fields", request, route, context, labels)
         if rules.request_tokenize:
             body, labels = await tokens.tokenize_body(body, name, rules.request_tokenize, context)
