@@ -31,7 +31,8 @@ class VaultRoot:
 
 @dataclass(frozen=True, slots=True)
 class VaultEntry:
-    """One token. Unique on (key, format, context, token) and on bidx (consistent tokens)."""
+    """One token. Unique on (key, context, token, format) (that order: detokenize looks up
+    tokens of one key and context) and on bidx (consistent tokens)."""
 
     key: str
     format: str
@@ -75,7 +76,7 @@ class VaultTable(Protocol):
     async def entries(
         self, key: str, after: tuple[str, str, str] | None, limit: int
     ) -> list[VaultEntry]:
-        """Rows of ``key`` in (format, context, token) order after ``after`` (rewrap paging:
+        """Rows of ``key`` in (context, token, format) order after ``after`` (rewrap paging:
         pass :func:`cursor` of the last row)."""
 
     async def update_sealed(self, entry: VaultEntry, old_sealed: str) -> bool:
@@ -90,7 +91,7 @@ class VaultTable(Protocol):
 
 def cursor(entry: VaultEntry) -> tuple[str, str, str]:
     """Paging cursor: the row's sort key."""
-    return (entry.format, entry.context, entry.token)
+    return (entry.context, entry.token, entry.format)
 
 
 def vault_table(store: object) -> VaultTable:

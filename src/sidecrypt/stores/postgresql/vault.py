@@ -32,7 +32,7 @@ MIGRATIONS = (
             " key TEXT NOT NULL, format TEXT NOT NULL, context TEXT NOT NULL,"
             " token TEXT NOT NULL, bidx BYTEA, sealed TEXT NOT NULL,"
             " kek_version INTEGER NOT NULL, created_at DOUBLE PRECISION NOT NULL,"
-            " PRIMARY KEY (key, format, context, token), UNIQUE (bidx))",
+            " PRIMARY KEY (key, context, token, format), UNIQUE (bidx))",
             "CREATE INDEX token_vault_context ON token_vault (context)",
         ),
         "token vault: wrapped roots, sealed values, keyed blind index",
@@ -200,8 +200,8 @@ class PostgresVault:
             start = after or ("", "", "")
             rows = await conn.fetch(
                 f"SELECT {_C} FROM token_vault WHERE key=$1"  # noqa: S608
-                " AND (format, context, token) > ($2, $3, $4)"
-                " ORDER BY format, context, token LIMIT $5",
+                " AND (context, token, format) > ($2, $3, $4)"
+                " ORDER BY context, token, format LIMIT $5",
                 key,
                 *start,
                 limit,

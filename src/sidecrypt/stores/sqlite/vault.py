@@ -24,7 +24,7 @@ MIGRATIONS = (
             " key TEXT NOT NULL, format TEXT NOT NULL, context TEXT NOT NULL,"
             " token TEXT NOT NULL, bidx BLOB, sealed TEXT NOT NULL,"
             " kek_version INTEGER NOT NULL, created_at REAL NOT NULL,"
-            " PRIMARY KEY (key, format, context, token), UNIQUE (bidx))",
+            " PRIMARY KEY (key, context, token, format), UNIQUE (bidx))",
             "CREATE INDEX token_vault_context ON token_vault (context)",
         ),
         "token vault: wrapped roots, sealed values, keyed blind index",
@@ -170,8 +170,8 @@ class SqliteVault:
             start = after or ("", "", "")
             rows = conn.execute(
                 f"SELECT {_C} FROM token_vault WHERE key=?"  # noqa: S608
-                " AND (format, context, token) > (?, ?, ?)"
-                " ORDER BY format, context, token LIMIT ?",
+                " AND (context, token, format) > (?, ?, ?)"
+                " ORDER BY context, token, format LIMIT ?",
                 (key, *start, limit),
             ).fetchall()
             return [_entry(r) for r in rows]
