@@ -51,7 +51,7 @@ async def rewrap(
             if env.key_version == newest.key_version and env.key_name == name:
                 continue
             value = await vault.open(name, context, row.format, row.token, row.sealed)
-            sealed, kek = await vault._seal(name, context, row.format, row.token, value)
+            sealed, kek = await vault.seal_value(name, context, row.format, row.token, value)
             if await vault.table.update_sealed(
                 replace(row, sealed=sealed, kek_version=kek), row.sealed
             ):

@@ -20,14 +20,15 @@ from typing import Any
 
 from .. import keys as keymod
 from ..envelope import build_header, decrypt_value, dumps_json, parse, seal
-from ..errors import CryptoError, KeyProviderError, SidecryptError
+from ..errors import CryptoError, SidecryptError
 from ..events import AuditEvent
 from ..stores.base import StoreError
 from .cache import MISSING, TokenCache
 from .formats import TokenFormat, TokenFormatError, TokenSpaceError
-from .index import ROOT_CONTEXT, TokenKeys, encode_parts
+from .index import TokenKeys, encode_parts
+from .roots import load_root
 from .stream import RandomSource, Sampler
-from .table import VaultEntry, VaultRoot, VaultTable
+from .table import VaultEntry, VaultTable
 
 MAX_ATTEMPTS = 64  # candidates per value before the vault gives up (never near: spaces >= 5e5
 # and a collision needs another value's token at exactly this candidate)
@@ -109,74 +110,10 @@ class Vault:
         async with lock:
             found = self._roots.get(name)
             if found is None:
-                found = self._roots[name] = await self._load_root(name)
+                found = self._roots[name] = await load_root(self, name)
         return found
 
-    async def _load_root(self, name: str) -> TokenKeys:
-        provider = self.keys.provider(name)
-        row = await self._store("root", self.table.root(name))
-        if row is None:
-            dk = await self._provider_call(
-                provider, "generate_data_key", provider.generate_data_key(ROOT_CONTEXT)
-            )
-            row = await self._store(
-                "insert_root",
-                self.table.insert_root(VaultRoot(name, 1, dk.wrapped, dk.key_version, time.time())),
-            )
-            if row.wrapped == dk.wrapped:  # ours won: no unwrap needed
-                self._audit_root(provider, "generate_data_key", dk.key_version)
-                return TokenKeys(dk.plaintext, key_name=name, version=row.version)
-        root = await self._provider_call(
-            provider,
-            "decrypt_data_key",
-            provider.decrypt_data_key(row.wrapped, row.kek_version, ROOT_CONTEXT),
-        )
-        self._audit_root(provider, "decrypt_data_key", row.kek_version)
-        try:
-            return TokenKeys(root, key_name=name, version=row.version)
-        except ValueError:
-            raise KeyProviderError(f"key {name!r}: the token root is malformed") from None
-
-    def _audit_root(self, provider: keymod.KeyProvider, op: str, version: int) -> None:
-        self.audit(
-            AuditEvent(
-                op,
-                key=provider.name,
-                provider=provider.type_name,
-                key_version=version,
-                context=dict(ROOT_CONTEXT),
-                cache="miss",
-            )
-        )
-
-    async def _provider_call(self, provider: keymod.KeyProvider, op: str, call: Any) -> Any:
-        try:
-            return await call
-        except SidecryptError as exc:
-            self._audit_fail(provider, op, exc)
-            if isinstance(exc, CryptoError):  # the stored root does not unwrap: fail closed
-                raise KeyProviderError(
-                    f"key {provider.name!r}: the token root does not unwrap"
-                ) from None
-            raise
-        except Exception as exc:
-            self._audit_fail(provider, op, exc)
-            raise KeyProviderError(
-                f"key {provider.name!r}: {op} failed ({type(exc).__name__})"
-            ) from exc
-
-    def _audit_fail(self, provider: keymod.KeyProvider, op: str, exc: BaseException) -> None:
-        self.audit(
-            AuditEvent(
-                op,
-                outcome="error",
-                key=provider.name,
-                provider=provider.type_name,
-                error=type(exc).__name__,
-            )
-        )
-
-    async def _store(self, op: str, call: Any) -> Any:
+    async def store_call(self, op: str, call: Any) -> Any:
         started = time.perf_counter()
         ok = False
         try:
@@ -242,7 +179,7 @@ class Vault:
             bidx = tk.blind_index(_scope(name, fmt.signature, ctx), fmt.index_bytes(parsed))
             todo.setdefault(bidx, []).append(i)
         if todo:
-            found = await self._store("by_index", self.table.by_index(list(todo)))
+            found = await self.store_call("by_index", self.table.by_index(list(todo)))
             new: list[tuple[bytes, list[int]]] = []
             for bidx, where in todo.items():
                 text = found.get(bidx)
@@ -292,7 +229,7 @@ class Vault:
             self.cache.put(("t", name, fmt.signature, ctx, type(value), value), token)
         self.cache.put(("v", name, fmt.signature, ctx, text), value)
 
-    async def _seal(
+    async def seal_value(
         self, name: str, context: keymod.Context, signature: str, token: str, value: Any
     ) -> tuple[str, int]:
         """The value sealed under the key's current data key: (sc1 text, key version)."""
@@ -320,9 +257,9 @@ class Vault:
     ) -> str:
         for attempt in range(MAX_ATTEMPTS):
             text = str(fmt.render(parsed, tk.sampler(bidx, attempt)))
-            sealed, kek = await self._seal(name, context, fmt.signature, text, value)
+            sealed, kek = await self.seal_value(name, context, fmt.signature, text, value)
             entry = VaultEntry(name, fmt.signature, ctx, text, bidx, sealed, kek, time.time())
-            stored = await self._store("insert", self.table.insert(entry))
+            stored = await self.store_call("insert", self.table.insert(entry))
             if stored is not None:
                 return str(stored)
         raise TokenSpaceError(f"no free {fmt.name} token after {MAX_ATTEMPTS} candidates")
@@ -339,9 +276,9 @@ class Vault:
         for _ in range(MAX_ATTEMPTS):
             token = fmt.render(parsed, Sampler(RandomSource()))
             text = str(token)
-            sealed, kek = await self._seal(name, context, fmt.signature, text, value)
+            sealed, kek = await self.seal_value(name, context, fmt.signature, text, value)
             entry = VaultEntry(name, fmt.signature, ctx, text, None, sealed, kek, time.time())
-            if await self._store("insert", self.table.insert(entry)) is not None:
+            if await self.store_call("insert", self.table.insert(entry)) is not None:
                 self.cache.put(("v", name, fmt.signature, ctx, text), value)
                 return token
         raise TokenSpaceError(f"no free {fmt.name} token after {MAX_ATTEMPTS} candidates")
@@ -365,7 +302,7 @@ class Vault:
             else:
                 todo.setdefault(text, []).append(i)
         if todo:
-            rows = await self._store("by_tokens", self.table.by_tokens(name, ctx, list(todo)))
+            rows = await self.store_call("by_tokens", self.table.by_tokens(name, ctx, list(todo)))
             by_key = {(sig, token): sealed for sig, token, sealed in rows}
             for text, where in todo.items():
                 for i in where:
