@@ -244,8 +244,34 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for _, key, version in moved:
         counts[f"{key}:{version}"] = counts.get(f"{key}:{version}", 0) + 1
+    # What protected the input: provider, key, version and, under a hierarchy, branch id.
+    print(json.dumps({"protected_by": _protected_by(source)}), file=sys.stderr)
     print(json.dumps({"rewrapped": len(moved), "from": counts}), file=sys.stderr)
     return 0
+
+
+def _protected_by(source: bytes) -> dict[str, int]:
+    """Tokens in a JSON document by ``provider key:version[ branch=ID]`` (no decryption)."""
+    from .envelope import is_envelope, loads_json, parse
+
+    counts: dict[str, int] = {}
+    stack: list[Any] = [loads_json(source)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif is_envelope(node):
+            try:
+                env = parse(node)
+            except SidecryptError:
+                continue
+            label = f"{env.provider} {env.key_name}:{env.key_version}"
+            if env.provider.endswith(".bk"):
+                label += f" branch={env.wrapped[1:17].hex()}"
+            counts[label] = counts.get(label, 0) + 1
+    return counts
 
 
 def cmd_store_migrate(args: argparse.Namespace) -> int:

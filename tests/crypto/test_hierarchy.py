@@ -299,3 +299,17 @@ async def test_rewrap_moves_old_tokens_under_the_hierarchy(sidecar: SidecarFacto
         new.append(json.loads(out)["v"])
     assert {envelope.parse(t).provider for t in new} == {"local.bk"}
     assert [await after.decrypt(t) for t in new] == ["v0", "v1", "v2"]
+
+
+async def test_branch_caches_are_bounded(
+    sidecar: SidecarFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecrypt.crypto.hierarchy import provider as module
+
+    monkeypatch.setattr(module, "MAX_CACHED", 3)
+    car = await sidecar({"per": "tenant"})
+    tokens = {t: await car.encrypt(t, canonical_context({"tenant": t})) for t in "abcde"}
+    assert len(car.hier()._keys) == 3 and len(car.hier()._active) == 3
+    car.keys.clear()
+    for tenant, token in tokens.items():  # evicted ones come back from the store
+        assert await car.decrypt(token, canonical_context({"tenant": tenant})) == tenant

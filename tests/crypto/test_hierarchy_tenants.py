@@ -148,3 +148,52 @@ def test_rotate_and_forget_are_audited(
     actions = [(e.get("action"), e.get("context"), e.get("count")) for e in events if "action" in e]
     assert ("branch_key_rotate", {"tenant": "acme"}, None) in [(a, c, None) for a, c, _ in actions]
     assert ("branch_key_forget", {"tenant": "acme"}, 2) in actions
+
+
+def test_rewrap_reports_what_protects_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ring = tmp_path / "keyring.json"
+    keyring.create_key(ring, "app")
+    plain = {**_raw(ring, "http://127.0.0.1:9"), "stores": {}}
+    plain["keys"] = {"app": {"provider": "local", "keyring": str(ring)}}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    branched = _raw(ring, "http://127.0.0.1:9")
+    branched["keys"]["app"]["hierarchy"].pop("per")
+    (tmp_path / "branched.yaml").write_text(yaml.safe_dump(branched))
+    doc = tmp_path / "doc.json"
+    doc.write_text(json.dumps({"ssn": "REWRAP-CANARY"}))
+    assert (
+        cli.main(
+            [
+                "encrypt",
+                "--config",
+                str(tmp_path / "plain.yaml"),
+                "--field",
+                "$.ssn",
+                "--key",
+                "app",
+                str(doc),
+            ]
+        )
+        == 0
+    )
+    doc.write_text(capsys.readouterr().out)
+    args = [
+        "rewrap",
+        "--config",
+        str(tmp_path / "branched.yaml"),
+        "--field",
+        "$.ssn",
+        "--to-key",
+        "app",
+    ]
+    assert cli.main([*args, str(doc)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.err.splitlines()[-2]) == {"protected_by": {"local app:1": 1}}
+    doc.write_text(captured.out)
+    assert cli.main([*args, str(doc)]) == 0
+    captured = capsys.readouterr()
+    (label,) = json.loads(captured.err.splitlines()[-2])["protected_by"]
+    assert label.startswith("local.bk app:1 branch=")
+    assert "REWRAP-CANARY" not in captured.out + captured.err

@@ -100,3 +100,32 @@ async def test_proxy_refuses_to_start_on_an_unmigrated_store(
     with pytest.raises(StoreError) as info:
         await proxy_factory(yaml.safe_load(path.read_text()), tls=False, base_dir=tmp_path)
     assert info.value.code == "store_schema"
+
+
+def test_check_config_names_file_and_path_of_store_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    for block, where in (
+        (
+            {"stores": {"x": {"type": "postgresql", "dsn": "postgresql://u:CANARY@h/db"}}},
+            "stores.x.dsn",
+        ),
+        (
+            {
+                "keys": {
+                    "app": {
+                        "provider": "local",
+                        "keyring": "k.json",
+                        "hierarchy": {"store": "nope"},
+                    }
+                }
+            },
+            "keys.app.hierarchy.store",
+        ),
+    ):
+        path.write_text(yaml.safe_dump({"upstream": {"url": "http://127.0.0.1:9"}, **block}))
+        assert cli.main(["check-config", "--offline", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: {where}: " in err, err
+        assert "CANARY" not in err

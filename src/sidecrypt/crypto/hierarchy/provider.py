@@ -48,6 +48,7 @@ BRANCH_ID_BYTES = 16
 NONCE_BYTES = 12
 WRAPPED_BYTES = 1 + BRANCH_ID_BYTES + NONCE_BYTES + DATA_KEY_BYTES + 16
 SUFFIX = ".bk"
+MAX_CACHED = 10_000  # branch key versions (and active branches) kept per key; oldest go first
 ALG = "A256GCM-BK"
 
 
@@ -263,8 +264,16 @@ class HierarchicalProvider:
             row = await self._create(branch, 1, None)
         elif self._due(row):
             row = await self._create(branch, row.version + 1, row.branch_id)
-        self._active[branch] = (row, self._clock() + self.options.refresh)
+        self._remember(self._active, branch, (row, self._clock() + self.options.refresh))
         return row
+
+    @staticmethod
+    def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+        """Insert, dropping the oldest entries beyond MAX_CACHED (many tenants)."""
+        cache.pop(key, None)
+        cache[key] = value
+        while len(cache) > MAX_CACHED:
+            del cache[next(iter(cache))]
 
     async def rotate(self, branch: str = "") -> BranchKeyRow:
         """A new active version now (on demand); other sidecars see it within ``refresh``."""
@@ -273,7 +282,7 @@ class HierarchicalProvider:
             row = await self._create(branch, 1, None)
         else:
             row = await self._create(branch, latest.version + 1, latest.branch_id)
-        self._active[branch] = (row, self._clock() + self.options.refresh)
+        self._remember(self._active, branch, (row, self._clock() + self.options.refresh))
         return row
 
     async def _create(self, branch: str, version: int, branch_id: str | None) -> BranchKeyRow:
@@ -289,12 +298,13 @@ class HierarchicalProvider:
         stored = await self.table.insert(row)
         if stored == row:  # ours won: no need to unwrap what we just made
             now = self._clock()
-            self._keys[(bid, version)] = _Unwrapped(
+            fresh = _Unwrapped(
                 AESGCM(made.plaintext),
                 stored,
                 now + self.options.cache_ttl,
                 now + self.options.refresh,
             )
+            self._remember(self._keys, (bid, version), fresh)
             self.branch_stats["created"] += 1
         return stored
 
@@ -343,7 +353,7 @@ class HierarchicalProvider:
         entry = _Unwrapped(
             AESGCM(plaintext), row, now + self.options.cache_ttl, now + self.options.refresh
         )
-        self._keys[(branch_id, version)] = entry
+        self._remember(self._keys, (branch_id, version), entry)
         return entry
 
     # -- KeyProvider ------------------------------------------------------------------------
