@@ -445,6 +445,16 @@ class Settings(Model):
                 )
         elif self.tokens.store not in self.stores:
             raise _PathError(("tokens", "store"), f"unknown store {self.tokens.store!r}")
+        for i, route in enumerate(self.routes):
+            block = self.keys.get(route.key or "", {})
+            hierarchy = block.get("hierarchy") if isinstance(block, dict) else None
+            if route.has_tokens and isinstance(hierarchy, dict) and hierarchy.get("per"):
+                raise _PathError(
+                    ("routes", i, "key"),
+                    f"key {route.key!r} has a branch key per {hierarchy['per']!r}; the token "
+                    "vault's root is one per key (not per tenant) yet: use a key without "
+                    "hierarchy.per for token rules",
+                )
 
     @property
     def vault_store(self) -> str | None:

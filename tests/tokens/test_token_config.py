@@ -110,6 +110,13 @@ def test_refusals_name_the_place_and_the_reason(
     assert why in message
 
 
+def test_a_per_tenant_branch_key_cannot_hold_tokens() -> None:
+    raw = _raw({"request": {"tokenize": [{"path": "$.ssn", "format": "ssn"}]}})
+    raw["keys"]["app"]["hierarchy"] = {"store": "vault", "per": "tenant"}
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.key: .*branch key per 'tenant'"):
+        config.parse(raw)
+
+
 def test_token_rules_need_a_key() -> None:
     raw = _raw({"request": {"tokenize": [{"path": "$.ssn", "format": "ssn"}]}})
     del raw["routes"][0]["key"]
