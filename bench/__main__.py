@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from . import env, micro, report, wrk
-from .env import ENC_PATH, PASS_PATH, PORTS
+from .env import ENC_PATH, PASS_PATH, PORTS, TOK_PATH
 from .procs import Service, children_cpu_seconds, cpu_seconds, idle_seconds
 
 HERE = Path(__file__).resolve().parent
@@ -118,6 +118,13 @@ def configurations() -> dict[str, report.Config]:
             f"sidecrypt-{n}",
             f"https://127.0.0.1:{PORTS[f'sidecrypt-{n}']}{ENC_PATH}",
         )
+    out["sidecrypt-tok-1"] = C(
+        "sidecrypt-tok-1",
+        "sidecrypt tokenizing (3 consistent)",
+        1,
+        "sidecrypt-1",
+        f"https://127.0.0.1:{PORTS['sidecrypt-1']}{TOK_PATH}",
+    )
     return out
 
 
@@ -135,7 +142,8 @@ def check(w: env.World, configs: dict[str, report.Config]) -> None:
         )
         with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
             got = resp.read()
-        want = plain if c.key.startswith("sidecrypt-enc") else json.loads(w.enc_body)
+        fields = c.key.startswith(("sidecrypt-enc", "sidecrypt-tok"))
+        want = plain if fields else json.loads(w.enc_body)
         if json.loads(got) != want:
             raise RuntimeError(f"{c.label} (workers={c.workers}) answered wrongly: {got[:200]!r}")
 

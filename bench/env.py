@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTEXT = {"tenant": "acme", "app": "bench"}
 ENCRYPTED = ("ssn", "card_number", "phone")  # 3 of the 10 string fields
 ENC_PATH = "/records/1"  # matches the field-encrypting route
+TOK_PATH = "/tokens/1"  # matches the tokenizing route: the same 3 fields as consistent tokens
+TOKENIZED = (  # (field, format options): what the tokenizing route does to ENCRYPTED's fields
+    ("ssn", "format: ssn"),
+    ("card_number", "format: card"),
+    ("phone", "format: alnum"),
+)
 PASS_PATH = "/plain/1"  # matches no route: pass-through
 
 PORTS = {
@@ -84,6 +90,7 @@ class World:
     key: Path
     body: bytes  # plaintext request body
     enc_body: bytes  # the same document with the 3 fields encrypted: the upstream's answer
+    tok_body: bytes  # the same document with the 3 fields tokenized: the answer on TOK_PATH
     sidecrypt_configs: dict[int, Path]  # by workers; 0: one worker on the aiohttp engine
 
 
@@ -104,7 +111,16 @@ upstream: {{url: "http://127.0.0.1:{PORTS["upstream"]}"}}
 keys:
   app: {{provider: local, keyring: keyring.json}}
 log: {{level: warning}}
+stores: {{vault: {{type: sqlite, path: vault.db}}}}
+tokens: {{store: vault}}
 routes:
+  - match: {{methods: [POST], path: "/tokens/**"}}
+    key: app
+    context: {{tenant: "header:X-Tenant", app: "bench"}}
+    request:
+      tokenize: [{", ".join(f"{{path: $.{f}, {o}, consistent: true}}" for f, o in TOKENIZED)}]
+    response:
+      detokenize: [{", ".join(f"{{path: $.{f}, {o}, consistent: true}}" for f, o in TOKENIZED)}]
   - match: {{methods: [POST], path: "/records/**"}}
     key: app
     context: {{tenant: "header:X-Tenant", app: "bench"}}
@@ -133,7 +149,41 @@ def prepare(d: Path) -> World:
     enc_body = asyncio.run(_encrypt(configs[1], body))
     if b"$" in enc_body or b"'" in enc_body or b"\\" in enc_body:
         raise RuntimeError("encrypted body cannot be quoted in nginx.conf")
-    return World(d, nginx, wrk, d / "server.pem", d / "server-key.pem", body, enc_body, configs)
+    tok_body = asyncio.run(_tokenize(configs[1], body))
+    return World(
+        d, nginx, wrk, d / "server.pem", d / "server-key.pem", body, enc_body, tok_body, configs
+    )
+
+
+async def _tokenize(config: Path, body: bytes) -> bytes:
+    """The body as the tokenizing route sends it upstream (consistent tokens: the proxies,
+    sharing the vault file, make the same ones)."""
+    from sidecrypt import config as cfg
+    from sidecrypt.keys import DataKeyService, canonical_context
+    from sidecrypt.plugin_manager import build_providers, build_stores, make_plugin_manager
+    from sidecrypt.proxy.routes import Router
+    from sidecrypt.proxy.tokenize import TokenFields
+    from sidecrypt.tokens.table import vault_table
+    from sidecrypt.tokens.vault import Vault
+
+    settings = cfg.load(config)
+    pm = make_plugin_manager()
+    store = build_stores(settings, pm)["vault"]
+    providers = build_providers(settings, pm)
+    await store.start()
+    for p in providers.values():
+        await p.start()
+    try:
+        route = Router(settings.routes, default_max_body=1 << 20).match("POST", TOK_PATH)
+        assert route is not None and route[0].tokens is not None
+        fields = TokenFields(Vault(vault_table(store), DataKeyService(providers)))
+        ctx = canonical_context(CONTEXT)
+        out, _ = await fields.tokenize_body(body, "app", route[0].tokens.request_tokenize, ctx)
+        return out
+    finally:
+        for p in providers.values():
+            await p.close()
+        await store.close()
 
 
 async def _encrypt(config: Path, body: bytes) -> bytes:
@@ -163,6 +213,10 @@ def nginx_upstream_conf(w: World) -> Path:
     location / {{
         default_type application/json;
         return 200 '{w.enc_body.decode()}';
+    }}
+    location /tokens/ {{
+        default_type application/json;
+        return 200 '{w.tok_body.decode()}';
     }}
 }}""",
     )

@@ -35,7 +35,12 @@ def test_demo_shows_ciphertext_at_rest_and_plaintext_read_back(tmp_path: Path) -
         assert sample["name"] in at_rest  # unconfigured fields are stored as sent
         assert str(sample["ssn"]) in back and sample["card"]["number"] in back
         assert "sc1." not in back
+        # The tokenized email: a valid address of the same length at rest, the value read back.
+        token = at_rest.split('"email": "', 1)[1].split('"', 1)[0]
+        assert token != sample["email"] and len(token) == len(sample["email"])
+        assert token.endswith("@example.org") and sample["email"] in back
     assert out.count("round trip identical") == len(SAMPLES)
+    assert "=== lookup found the record ===" in out  # GET /users?email=... through sidecrypt
     assert "DIFFERS" not in out
     # Nothing secret in the log lines either.
     assert "123-45-6789" not in proc.stderr

@@ -21,11 +21,14 @@ if TYPE_CHECKING:
     from .keys import DataKeyService
     from .proxy.workers import Worker
     from .stores.base import Store
+    from .tokens.vault import Vault
 
 PLUGIN_MANAGER: web.AppKey[pluggy.PluginManager] = web.AppKey("sidecrypt.pm")
 SETTINGS: web.AppKey[Settings] = web.AppKey("sidecrypt.settings")
 KEYS: web.AppKey[DataKeyService] = web.AppKey("sidecrypt.keys")
 STORES: web.AppKey[dict[str, Store]] = web.AppKey("sidecrypt.stores")
+VAULT: web.AppKey[Vault] = web.AppKey("sidecrypt.vault")
+"""The token vault, when a route tokenizes (metrics read its cache and store figures)."""
 """Every configured store by name, started before the key providers."""
 ADMIN: web.AppKey[web.Application] = web.AppKey("sidecrypt.admin")
 PROXY: web.AppKey[web.Application] = web.AppKey("sidecrypt.proxy")

@@ -330,6 +330,16 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """The token vault: init (schema and roots), rewrap, stats, forget --context."""
+    from .offline_tokens import run as run_tokens
+
+    settings = config.load(args.config)
+    context = dict(kv.split("=", 1) for kv in getattr(args, "context", None) or ())
+    _out(asyncio.run(run_tokens(settings, args.tokens_verb, context=context)))
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from .audit_chain import verify_files
 
@@ -438,6 +448,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", required=True)
     p.add_argument("--store", action="append", help="only this store (repeatable)")
     p.set_defaults(fn=cmd_store_migrate)
+
+    tokens = verb("tokens", lambda a: 2, "the token vault")
+    tsub = tokens.add_subparsers(dest="tokens_verb", required=True, metavar="VERB")
+    for name, help_ in (
+        ("init", "create the vault's schema and each tokenizing key's root"),
+        ("rewrap", "re-seal vault entries under each key's newest version (tokens unchanged)"),
+        ("stats", "entries per key version, and the store's health"),
+        ("forget", "delete one context's entries: its tokens stop resolving"),
+    ):
+        p = tsub.add_parser(name, help=help_)
+        _common(p)
+        p.add_argument("--config", "-c", required=True)
+        if name == "forget":
+            p.add_argument("--context", action="append", required=True, help="NAME=VALUE")
+        p.set_defaults(fn=cmd_tokens)
 
     audit = verb("audit", lambda a: 2, "audit trail tools")
     asub = audit.add_subparsers(dest="audit_verb", required=True, metavar="VERB")

@@ -229,11 +229,86 @@ def _field_specs(value: Any) -> Any:
     return value
 
 
+class TokenSpec(Model):
+    """A token format and its mode (tokens/formats.py), refused here when its value space is
+    too small for the mode. ``consistent: true``: one value, one token (lookups work)."""
+
+    format: str
+    consistent: bool = False
+    keep_first: int | None = None
+    keep_last: int | None = None
+    min_length: int | None = None
+    luhn: Literal["fail", "pass", "any"] | None = None
+    pattern: str | tuple[str, ...] | None = None
+    domain: Literal["keep", "tokenize"] | None = None
+
+    def format_options(self) -> dict[str, Any]:
+        names = ("keep_first", "keep_last", "min_length", "luhn", "pattern", "domain")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @model_validator(mode="after")
+    def _format(self) -> TokenSpec:
+        from .tokens.formats import build_format  # a leaf module: no I/O, no config import
+
+        build_format(self.format, self.format_options(), consistent=self.consistent)
+        return self
+
+
+class TokenField(TokenSpec):
+    """One selector whose value becomes (or is resolved from) a token."""
+
+    path: str
+    required: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            compile_selector(value)
+        except SelectorError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class TokenLookup(Model):
+    """Query and path parameters that carry a protected value: replaced with its consistent
+    token before forwarding, so the app's own search finds the record."""
+
+    query: dict[str, TokenSpec] = Field(default_factory=dict)
+    path: dict[str, TokenSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TokenLookup:
+        for kind, specs in (("query", self.query), ("path", self.path)):
+            for name, spec in specs.items():
+                if not spec.consistent:
+                    raise ValueError(
+                        f"{kind}.{name}: a lookup needs consistent: true (a random token "
+                        "never matches what the app stored)"
+                    )
+        return self
+
+
 class Rule(Model):
     encrypt: tuple[FieldSpec, ...] = ()
     decrypt: tuple[FieldSpec, ...] = ()
+    tokenize: tuple[TokenField, ...] = ()
+    detokenize: tuple[TokenField, ...] = ()
 
     _e = field_validator("encrypt", "decrypt", mode="before")(_field_specs)
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.tokenize or self.detokenize)
+
+
+class Tokens(Model):
+    """The token vault: which store holds it, and the in-memory cache in front of it."""
+
+    store: str | None = Field(None, description="a stores.<name>; default: the only store")
+    cache_entries: int = Field(100_000, ge=0)
+    cache_ttl: float = Field(300.0, gt=0)
+    batch_size: int = Field(1000, ge=1, le=10_000)
 
 
 _PATTERN = re.compile(r"^/(?:[^?#\s]*)$")
@@ -271,6 +346,7 @@ class Route(Model):
     on_decrypt_error: Literal["error", "ciphertext"] = "error"
     max_body_size: int | None = Field(None, ge=1024)
     allow_gzip: bool = False
+    lookup: TokenLookup = TokenLookup()
 
     @field_validator("context")
     @classmethod
@@ -290,11 +366,27 @@ class Route(Model):
                 self.request.decrypt,
                 self.response.encrypt,
                 self.response.decrypt,
+                self.has_tokens,
             )
         )
         if has_fields and self.key is None:
             raise ValueError("a route with field rules needs a key")
+        segments = self.match.path.split("/")[1:]
+        for name in self.lookup.path:
+            if f"{{{name}}}" not in segments:
+                raise ValueError(f"lookup.path.{name}: the pattern has no {{{name}}} segment")
+            if "**" in segments[: segments.index(f"{{{name}}}")]:
+                raise ValueError(f"lookup.path.{name}: {{{name}}} must come before any '**'")
         return self
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(
+            self.request.has_tokens
+            or self.response.has_tokens
+            or self.lookup.query
+            or self.lookup.path
+        )
 
     @property
     def label(self) -> str:
@@ -315,6 +407,7 @@ class Settings(Model):
     log: Log = Log()
     identity: IdentityConfig = IdentityConfig()
     policy: PolicyConfig = PolicyConfig()
+    tokens: Tokens = Tokens()
     routes: tuple[Route, ...] = ()
     source: str = Field("<memory>", exclude=True)
     base_dir: Path = Field(Path("."), exclude=True)
@@ -324,6 +417,7 @@ class Settings(Model):
         for i, route in enumerate(self.routes):
             if route.key is not None and route.key not in self.keys:
                 raise _PathError(("routes", i, "key"), f"unknown key {route.key!r}")
+        self._check_tokens()
         if self.mode == "client-side":
             host, _ = parse_address(self.listen.address)
             if self.listen.tls is None and host not in ("127.0.0.1", "::1", "localhost"):
@@ -338,6 +432,38 @@ class Settings(Model):
                     "https (set allow_plain_upstream: true to override)",
                 )
         return self
+
+    def _check_tokens(self) -> None:
+        if not any(route.has_tokens for route in self.routes):
+            return
+        if self.tokens.store is None:
+            if len(self.stores) != 1:
+                raise _PathError(
+                    ("tokens", "store"),
+                    "routes tokenize fields: name the vault's store here (one of stores:), "
+                    "e.g. stores: {vault: {type: sqlite, path: vault.db}}",
+                )
+        elif self.tokens.store not in self.stores:
+            raise _PathError(("tokens", "store"), f"unknown store {self.tokens.store!r}")
+        for i, route in enumerate(self.routes):
+            block = self.keys.get(route.key or "", {})
+            hierarchy = block.get("hierarchy") if isinstance(block, dict) else None
+            if route.has_tokens and isinstance(hierarchy, dict) and hierarchy.get("per"):
+                raise _PathError(
+                    ("routes", i, "key"),
+                    f"key {route.key!r} has a branch key per {hierarchy['per']!r}; the token "
+                    "vault's root is one per key (not per tenant) yet: use a key without "
+                    "hierarchy.per for token rules",
+                )
+
+    @property
+    def vault_store(self) -> str | None:
+        """The store name the token vault lives on (None: no route tokenizes)."""
+        if self.tokens.store is not None:
+            return self.tokens.store
+        if any(route.has_tokens for route in self.routes) and len(self.stores) == 1:
+            return next(iter(self.stores))
+        return None
 
 
 class _PathError(ValueError):

@@ -25,16 +25,23 @@ from .keyring import create_key
 from .proxy import server
 
 FIELDS = ["$.ssn", "$.card.number", "$.contacts[*].phone"]
+# A tokenized field beside the encrypted ones: the app stores a valid address of the same
+# length, the same one for the same value, so its own lookup by email keeps working.
+EMAIL = {"format": "email", "consistent": True}
+TOKENIZED = [{"path": "$.email", **EMAIL}]
+DETOKENIZED = [{"path": "$.email", **EMAIL}, {"path": "$[*].email", **EMAIL}]
 
 SAMPLES: list[dict[str, Any]] = [
     {
         "name": "Ada Lovelace",
+        "email": "ada.lovelace@example.org",
         "ssn": "123-45-6789",
         "card": {"number": "4111 1111 1111 1111", "expiry": "12/29"},
         "contacts": [{"kind": "home", "phone": "+44 20 7946 0018"}],
     },
     {
         "name": "Alan Turing",
+        "email": "alan.turing@example.org",
         "ssn": 987654321,
         "card": {"number": "5500 0000 0000 0004", "expiry": "01/30"},
         "contacts": [
@@ -65,6 +72,8 @@ def legacy_app(db: sqlite3.Connection) -> web.Application:
 
     async def listing(request: web.Request) -> web.Response:
         docs = [json.loads(r[0]) for r in db.execute("SELECT doc FROM users ORDER BY id")]
+        if "email" in request.query:  # the app's own search: equality on what it stored
+            docs = [d for d in docs if d.get("email") == request.query["email"]]
         return web.json_response(docs)
 
     app = web.Application()
@@ -88,21 +97,24 @@ def demo_settings(workdir: Path, upstream: str, listen: str, admin: str) -> conf
         "admin": {"address": admin},
         "upstream": {"url": upstream},
         "keys": {"app": {"provider": "local", "keyring": "keyring.json"}},
+        "stores": {"vault": {"type": "sqlite", "path": "vault.db"}},
         "routes": [
             {
                 "match": {"methods": ["POST"], "path": "/users"},
                 "key": "app",
-                "request": {"encrypt": FIELDS},
+                "request": {"encrypt": FIELDS, "tokenize": TOKENIZED},
             },
             {
                 "match": {"methods": ["GET"], "path": "/users/**"},
                 "key": "app",
-                "response": {"decrypt": decrypt},
+                "lookup": {"query": {"email": EMAIL}},
+                "response": {"decrypt": decrypt, "detokenize": DETOKENIZED},
             },
             {
                 "match": {"methods": ["GET"], "path": "/users"},
                 "key": "app",
-                "response": {"decrypt": decrypt},
+                "lookup": {"query": {"email": EMAIL}},
+                "response": {"decrypt": decrypt, "detokenize": DETOKENIZED},
             },
         ],
     }
@@ -138,7 +150,10 @@ async def _demo(keep_running: bool) -> None:
                 f"legacy app (stores what it receives): {upstream}, "
                 f"SQLite at {workdir / 'legacy.db'}"
             )
-            print(f"sidecrypt (server-side, TLS):          {base}  fields {', '.join(FIELDS)}\n")
+            print(
+                f"sidecrypt (server-side, TLS):          {base}  encrypts {', '.join(FIELDS)}; "
+                "tokenizes $.email (same shape, same token for the same value)\n"
+            )
             async with aiohttp.ClientSession() as http:
                 for sample in SAMPLES:
                     async with http.post(f"{base}/users", json=sample, ssl=ctx) as resp:
@@ -158,6 +173,16 @@ async def _demo(keep_running: bool) -> None:
                     )
                     if not same:
                         raise SystemExit(1)
+                wanted = SAMPLES[1]["email"]
+                async with http.get(f"{base}/users", params={"email": wanted}, ssl=ctx) as resp:
+                    found = await resp.json()
+                print(
+                    _show(f"4. the app's own lookup by email ({wanted}) through sidecrypt", found)
+                )
+                ok = [d.get("name") for d in found] == [SAMPLES[1]["name"]]
+                print(f"=== lookup {'found the record' if ok else 'FAILED'} ===\n")
+                if not ok:
+                    raise SystemExit(1)
             if keep_running:
                 print(
                     "sidecrypt stays up (Ctrl-C to stop). Try:\n"

@@ -42,11 +42,13 @@ def test_migrate_verb_creates_then_reports_current(
     assert cli.main(["store", "migrate", "--config", str(path)]) == 0
     first = json.loads(capsys.readouterr().out)
     assert first == {
-        "local": {"branch_keys": {"from": 0, "to": 1}},
-        "shared": {"branch_keys": {"from": 0, "to": 1}},
+        "local": {"branch_keys": {"from": 0, "to": 1}, "token_vault": {"from": 0, "to": 1}},
+        "shared": {"branch_keys": {"from": 0, "to": 1}, "token_vault": {"from": 0, "to": 1}},
     }
     assert cli.main(["store", "migrate", "--config", str(path), "--store", "shared"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"shared": {"branch_keys": {"from": 1, "to": 1}}}
+    assert json.loads(capsys.readouterr().out) == {
+        "shared": {"branch_keys": {"from": 1, "to": 1}, "token_vault": {"from": 1, "to": 1}}
+    }
     assert cli.main(["store", "migrate", "--config", str(path), "--store", "nope"]) == 2
     assert "no store named 'nope'" in capsys.readouterr().err
 

@@ -37,7 +37,7 @@ async def test_migrate_creates_schema_once(make_store: MakeStore) -> None:
     assert again["branch_keys"] == (1, 1)
     await store.start()
     await store.check()
-    assert store.describe()["schema"] == {"branch_keys": 1}
+    assert store.describe()["schema"] == {"branch_keys": 1, "token_vault": 1}
 
 
 async def test_concurrent_migrations_apply_each_step_once(make_store: MakeStore) -> None:

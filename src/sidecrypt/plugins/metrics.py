@@ -48,7 +48,12 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 UNMATCHED = "unmatched"
 FLUSH_EVERY = 1024  # requests recorded before they are folded into the instruments
 PROVIDER_OPS = frozenset({"generate_data_key", "decrypt_data_key"})
-FIELD_OPS = {"encrypt_fields": "encrypt", "decrypt_fields": "decrypt"}  # action -> operation
+FIELD_OPS = {  # action -> operation
+    "encrypt_fields": "encrypt",
+    "decrypt_fields": "decrypt",
+    "tokenize_fields": "tokenize",
+    "detokenize_fields": "detokenize",
+}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -115,6 +120,9 @@ class _StateCollector:
         stores = self.app.get(appkeys.STORES)
         if stores:
             yield from _store_metrics(stores)
+        vault = self.app.get(appkeys.VAULT)
+        if vault is not None:
+            yield from _vault_metrics(vault)
         audit = audit_stats(self.app)
         if audit is not None:
             yield GaugeMetricFamily(
@@ -139,6 +147,28 @@ class _StateCollector:
             yield GaugeMetricFamily(
                 "sidecrypt_audit_healthy", "1 when every audit sink writes", value=audit["healthy"]
             )
+
+
+def _vault_metrics(vault: Any) -> Iterator[Metric]:
+    """The token vault: store calls and their time by operation, cache hits and size."""
+    calls = CounterMetricFamily(
+        "sidecrypt_vault_calls", "Token vault store calls", labels=["operation", "outcome"]
+    )
+    for (op, outcome), n in sorted(vault.calls.items()):
+        calls.add_metric([op, outcome], n)
+    yield calls
+    seconds = CounterMetricFamily(
+        "sidecrypt_vault_call_seconds", "Time in token vault store calls", labels=["operation"]
+    )
+    for op, total in sorted(vault.seconds.items()):
+        seconds.add_metric([op], total)
+    yield seconds
+    cache = vault.cache
+    yield CounterMetricFamily("sidecrypt_vault_cache_hits", "Token cache hits", value=cache.hits)
+    yield CounterMetricFamily(
+        "sidecrypt_vault_cache_misses", "Token cache misses", value=cache.misses
+    )
+    yield GaugeMetricFamily("sidecrypt_vault_cache_entries", "Tokens cached", value=len(cache))
 
 
 class _RequestCollector:

@@ -40,12 +40,15 @@ from ..events import AuditEvent, new_event
 from ..hookcall import DirectHook
 from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers, build_stores
+from ..tokens.table import vault_table
+from ..tokens.vault import Vault
 from ..transform import paths
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .form_body import BodyKind, FormCrypto, body_kind
 from .incoming import RequestView, base_request
 from .routes import CompiledRoute, Hit, Router
+from .tokenize import TokenFields
 from .upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,7 @@ class Proxy:
         self.router = Router(settings.routes, default_max_body=settings.server.max_body_size)
         self.fields = FieldCrypto(keys)
         self.forms = FormCrypto(keys)
+        self.tokens: TokenFields | None = None  # set by create_app when a route tokenizes
         self.base = URL(settings.upstream.url)
         # Host as RFC 9110 writes it: the scheme's default port left out, IPv6 in brackets.
         self.upstream_host = self.base.host_port_subcomponent or ""
@@ -182,6 +186,10 @@ class Proxy:
                 context = route.context(headers, params, request.query)
                 if route.request_encrypt and "?" in request.raw_path:
                     self.forms.check_query(route, request.raw_path)
+                target: str | None = None
+                if route.tokens is not None and route.tokens.lookups:
+                    step = "lookup"
+                    target = await self._lookup_target(request, route, context)
                 body: bytes | None = None
                 ctype: str | None = None
                 if route.needs_request_body:
@@ -199,7 +207,7 @@ class Proxy:
                                 request, route, kind, body, context
                             )
                 step = "upstream"
-                response = await self._forward(request, route, context, body, ctype)
+                response = await self._forward(request, route, context, body, ctype, target)
         except SidecryptError as exc:
             self._log_failure(request, route, step, exc)
             response = error_response(exc, rid)
@@ -370,11 +378,69 @@ class Proxy:
             except CryptoError as exc:  # the client sent a token we cannot open: its mistake
                 raise RequestError(exc.message, status=400, code=exc.code) from None
             self._field_event("decrypt_fields", request, route, context, labels)
+        if route.tokens_request:
+            body = await self._request_tokens(request, route, body, context)
         if route.request_encrypt:
             body, labels = await self.fields.encrypt_body(
                 body, route, route.request_encrypt, context
             )
             self._field_event("encrypt_fields", request, route, context, labels)
+        return body
+
+    def _token_fields(self, route: CompiledRoute) -> tuple[TokenFields, str]:
+        if self.tokens is None or route.key is None:  # config checks make this unreachable
+            raise CryptoError(f"route {route.label} tokenizes but has no vault or key")
+        return self.tokens, route.key
+
+    async def _lookup_target(self, request: RequestView, route: CompiledRoute, context: Any) -> str:
+        tokens, name = self._token_fields(route)
+        target, labels = await tokens.lookup_target(request.raw_path, name, route.tokens, context)
+        self._field_event("tokenize_fields", request, route, context, labels)
+        return target
+
+    async def _request_tokens(
+        self, request: RequestView, route: CompiledRoute, body: bytes, context: Any
+    ) -> bytes:
+        tokens, name = self._token_fields(route)
+        rules = route.tokens
+        if rules.request_detokenize:  # a client that sends tokens it wants resolved
+            try:
+                body, labels, _ = await tokens.detokenize_body(
+                    body, name, rules.request_detokenize, context
+                )
+            except CryptoError as exc:  # as with request decrypt: the client's token, a 400
+                raise RequestError(exc.message, status=400, code=exc.code) from None
+            self._field_event("detokenize_fields", request, route, context, labels)
+        if rules.request_tokenize:
+            body, labels = await tokens.tokenize_body(body, name, rules.request_tokenize, context)
+            self._field_event("tokenize_fields", request, route, context, labels)
+        return body
+
+    async def _response_tokens(
+        self, request: RequestView, route: CompiledRoute, body: bytes, context: Any
+    ) -> bytes:
+        tokens, name = self._token_fields(route)
+        rules = route.tokens
+        if rules.response_detokenize:
+            decide = self._decider(request, route)
+            try:
+                body, labels, _outcomes = await tokens.detokenize_body(
+                    body, name, rules.response_detokenize, context, decide=decide
+                )
+            except RequestError as exc:
+                raise _upstream_body_error(exc) from None
+            self._field_event("detokenize_fields", request, route, context, labels)
+            rid = request[appkeys.REQUEST_ID]
+            for event in decide.audit_events(request_id=rid, context=dict(context)):
+                self.audit(event)
+        if rules.response_tokenize:
+            try:
+                body, labels = await tokens.tokenize_body(
+                    body, name, rules.response_tokenize, context
+                )
+            except RequestError as exc:
+                raise _upstream_body_error(exc) from None
+            self._field_event("tokenize_fields", request, route, context, labels)
         return body
 
     def _field_event(
@@ -413,6 +479,7 @@ class Proxy:
         context: Any,
         body: bytes | None,
         content_type: str | None = None,
+        target: str | None = None,
     ) -> web.StreamResponse:
         assert self.pool is not None
         transformed = body is not None
@@ -438,7 +505,7 @@ class Proxy:
             data = await self._read_whole(request.content)
         else:
             data = forward.iter_body(request.content, self.settings.server.body_timeout)
-        target = forward.upstream_target(self.base_path, request.raw_path)
+        target = forward.upstream_target(self.base_path, target or request.raw_path)
         started = time.perf_counter()
         upstream = await self.pool.request(request.method, target, headers, data)
         try:
@@ -513,7 +580,11 @@ class Proxy:
     ) -> web.StreamResponse:
         no_body = request.method == "HEAD" or upstream.status in (204, 304)
         json_body = is_json(upstream.content_type)
-        if no_body or (not json_body and not route.response_encrypt):
+        if no_body or (
+            not json_body
+            and not route.response_encrypt
+            and not (route.tokens_response and route.tokens.response_tokenize)
+        ):
             return await self._respond_streamed(request, upstream)
         if not json_body:
             raise UpstreamError(
@@ -556,6 +627,8 @@ class Proxy:
             for label, outcome in outcomes:
                 if outcome == "error":
                     self._field_event("reveal", request, route, context, [label], outcome=outcome)
+        if route.tokens_response:
+            body = await self._response_tokens(request, route, body, context)
         if route.response_encrypt:
             try:
                 body, labels = await self.fields.encrypt_body(
@@ -648,6 +721,18 @@ def create_app(settings: Settings, pm: pluggy.PluginManager) -> web.Application:
         audit=lambda event: pm.hook.sidecrypt_audit(event=event),
     )
     proxy = Proxy(settings, pm, keys)
+    if settings.vault_store is not None:
+        t = settings.tokens
+        proxy.tokens = TokenFields(
+            Vault(
+                None,  # the store's table, once the store has started (_lifespan)
+                keys,
+                cache_entries=t.cache_entries,
+                cache_ttl=t.cache_ttl,
+                audit=lambda event: pm.hook.sidecrypt_audit(event=event),
+            )
+        )
+        app[appkeys.VAULT] = proxy.tokens.vault
     app[appkeys.SETTINGS] = settings
     app[appkeys.PLUGIN_MANAGER] = pm
     app[appkeys.KEYS] = keys
@@ -677,6 +762,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         for store in app[appkeys.STORES].values():  # before providers: branch keys live there
             await store.start()
             stores.append(store)
+        if proxy.tokens is not None and settings.vault_store is not None:
+            proxy.tokens.vault.table = vault_table(app[appkeys.STORES][settings.vault_store])
         for provider in proxy.keys.providers.values():
             await provider.start()
             started.append(provider)

@@ -110,14 +110,23 @@ class CompiledRoute:
     decrypt_keys: frozenset[str] | None = None  # key names accepted on decrypt; None: any
     pattern: re.Pattern[str] | None = None  # None: a literal path
     literal: str | None = None
+    tokens: Any = None  # proxy/tokenize.py's TokenRules, or None: no token rules
 
     @property
     def needs_request_body(self) -> bool:
-        return bool(self.request_encrypt or self.request_decrypt)
+        return bool(self.request_encrypt or self.request_decrypt or self.tokens_request)
 
     @property
     def needs_response_body(self) -> bool:
-        return bool(self.response_encrypt or self.response_decrypt)
+        return bool(self.response_encrypt or self.response_decrypt or self.tokens_response)
+
+    @property
+    def tokens_request(self) -> bool:
+        return self.tokens is not None and bool(self.tokens.request)
+
+    @property
+    def tokens_response(self) -> bool:
+        return self.tokens is not None and bool(self.tokens.response)
 
     @property
     def has_context(self) -> bool:
@@ -207,6 +216,8 @@ def compile_route(index: int, route: config.Route, *, default_max_body: int) -> 
             )
         sources.append((name, kind, arg))
     methods = frozenset(route.match.methods)
+    from .tokenize import compile_token_rules  # tokenize imports this module
+
     return CompiledRoute(
         index=index,
         label=route.label,
@@ -223,6 +234,7 @@ def compile_route(index: int, route: config.Route, *, default_max_body: int) -> 
         decrypt_keys=frozenset([route.key]) if route.key else frozenset(),  # no key: decrypt none
         pattern=pattern,
         literal=route.match.path if pattern is None else None,
+        tokens=compile_token_rules(index, route),
     )
 
 

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from ..base import FeatureTable
-from . import branch_keys
+from . import branch_keys, vault
 
-FEATURES: dict[str, FeatureTable] = {t.feature: t for t in (branch_keys.TABLE,)}
+FEATURES: dict[str, FeatureTable] = {t.feature: t for t in (branch_keys.TABLE, vault.TABLE)}
