@@ -12,6 +12,7 @@ directory only this user can enter, so that worker 0 can answer ``/metrics`` for
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -22,6 +23,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -100,39 +102,64 @@ def _supervise(settings: Settings, workers: list[Worker]) -> int:
 
     for sig in SUPERVISED:
         signal.signal(sig, forward_signal)
-    for worker in workers:
-        launch(worker)
-    while procs or (due and not stopping):
-        timeout = max(0.0, min(due.values()) - time.monotonic()) if due else None
-        multiprocessing.connection.wait([proc.sentinel for proc, _ in procs.values()], timeout)
-        now = time.monotonic()
-        for index, when in list(due.items()):
-            if stopping or when <= now:
-                del due[index]
-                if not stopping:
-                    launch(workers[index])
-        for index, (proc, started) in list(procs.items()):
-            if proc.is_alive():
-                continue
-            proc.join()
-            del procs[index]
-            code = proc.exitcode
-            if code in (0, -signal.SIGTERM, -signal.SIGINT):
-                continue
-            about: dict[str, Any] = {"worker": index, "exit_code": code}
-            if stopping:
-                failed = True
-            elif now - started < STARTUP_GRACE:
-                log.error("a worker failed at start: stopping the others", extra=about)
-                failed = True
-                forward_signal(signal.SIGTERM, None)
-            else:
-                young = now - started < STABLE
-                young_deaths[index] = young_deaths.get(index, 0) + 1 if young else 0
-                pause = min(MAX_BACKOFF, 2.0 ** (young_deaths[index] - 1)) if young else 0.0
-                log.error("a worker died: starting another", extra={**about, "in_seconds": pause})
-                due[index] = now + pause
+    with _wakeup_pipe() as wake:
+        for worker in workers:
+            launch(worker)
+        while procs or (due and not stopping):
+            timeout = max(0.0, min(due.values()) - time.monotonic()) if due else None
+            sentinels = [proc.sentinel for proc, _ in procs.values()]
+            if wake in multiprocessing.connection.wait([*sentinels, wake], timeout):
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake, 4096)
+            now = time.monotonic()
+            for index, when in list(due.items()):
+                if stopping or when <= now:
+                    del due[index]
+                    if not stopping:
+                        launch(workers[index])
+            for index, (proc, started) in list(procs.items()):
+                if proc.is_alive():
+                    continue
+                proc.join()
+                del procs[index]
+                code = proc.exitcode
+                if code in (0, -signal.SIGTERM, -signal.SIGINT):
+                    continue
+                about: dict[str, Any] = {"worker": index, "exit_code": code}
+                if stopping:
+                    failed = True
+                elif now - started < STARTUP_GRACE:
+                    log.error("a worker failed at start: stopping the others", extra=about)
+                    failed = True
+                    forward_signal(signal.SIGTERM, None)
+                else:
+                    young = now - started < STABLE
+                    young_deaths[index] = young_deaths.get(index, 0) + 1 if young else 0
+                    pause = min(MAX_BACKOFF, 2.0 ** (young_deaths[index] - 1)) if young else 0.0
+                    log.error(
+                        "a worker died: starting another", extra={**about, "in_seconds": pause}
+                    )
+                    due[index] = now + pause
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _wakeup_pipe() -> Iterator[int]:
+    """A pipe that every signal writes to (signal.set_wakeup_fd): its read end, for wait().
+
+    Python runs handlers in the main thread only; a signal the kernel gives to another thread
+    while this one sleeps in wait() would otherwise stay pending until a worker exits.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    try:
+        yield read_fd
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def _run_worker(settings: Settings, worker: Worker, master: int) -> None:
