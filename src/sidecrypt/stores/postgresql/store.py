@@ -33,6 +33,17 @@ _SCHEMA_TABLE = (
 )
 
 
+# What a broken or terminated connection can raise. asyncpg's InternalClientError is not an
+# InterfaceError: a backend killed mid-query can surface as "cannot switch to state ...".
+_DB_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
 class PostgresOptions(StoreOptions):
     type: Literal["postgresql"] = "postgresql"
     dsn: SecretRef
@@ -95,7 +106,7 @@ class PostgresStore:
                 timeout=self.options.timeout,
                 command_timeout=self.options.timeout,
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except _DB_ERRORS as exc:
             self.calls[("connect", "error")] += 1
             # asyncpg's messages may quote the DSN: name the failure's type only.
             raise StoreError(
@@ -139,7 +150,7 @@ class PostgresStore:
         except StoreError:
             self.calls[(op, "error")] += 1
             raise
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except _DB_ERRORS as exc:
             self.calls[(op, "error")] += 1
             code = getattr(exc, "sqlstate", None)
             detail = type(exc).__name__ + (f" {code}" if code else "")
