@@ -41,7 +41,7 @@ async def test_one_line_per_request_without_values(
     caplog.set_level(logging.INFO, logger="sidecrypt.access")
     async with aiohttp.ClientSession() as session:
         async with session.post(
-            f"{proxy.url}/users/1?ssn={CANARY}",
+            f"{proxy.url}/users/1?note={CANARY}",
             json={"ssn": CANARY},
             headers={"X-Request-Id": "req-42"},
         ) as resp:
