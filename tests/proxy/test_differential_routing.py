@@ -379,6 +379,8 @@ REWRITE_HEADERS = [
     "X-Forwarded-Path",
     "X-Forwarded-Uri",
     "X-Script-Name",
+    "X_Original_URL",
+    "X-Forwarded_Prefix",
 ]
 
 

@@ -135,6 +135,18 @@ def verdict(raw: str, method: str = "POST") -> str:
         ("/use%E2%80%8Drs/1", "refused"),
         ("/users%EF%B8%8F/1", "refused"),
         ("/users%F3%A0%80%81/1", "refused"),  # a tag character
+        # "+" as a space, a decoded "?" or "#" read as the end of the path by a second parser
+        ("/users+/1", "refused"),
+        ("/+users/1", "refused"),
+        ("/users%3F/1", "refused"),
+        ("/users%23x/1", "refused"),
+        ("/users%253F/1", "refused"),
+        # Windows best fit: look-alike slashes, letters without diacritics; UTF-16 pairs
+        ("/public%E2%88%95..%E2%88%95users/1", "refused"),
+        ("/%C3%BCsers/1", "refused"),
+        ("/u%CC%88sers/1", "refused"),  # "u" + COMBINING DIAERESIS, dropped by best fit
+        ("/%uD835%uDC2Esers/1", "refused"),
+        ("/files/%2B1", "-"),
         # matrix parameters where Tomcat reads a dot segment
         ("/users..;/1", "refused"),
         ("/public/..;x/users/1", "refused"),  # check_path's own refusal

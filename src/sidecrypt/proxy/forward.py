@@ -37,7 +37,7 @@ HOP_BY_HOP = frozenset(
 # Headers a framework or gateway may take as the request's real method or path, so the app would
 # route it where sidecrypt did not look. Never forwarded, on any path. (X-Forwarded-* are all
 # dropped below and only -For, -Proto and -Host set again: -Prefix, -Path, -Uri never pass.)
-STRIPPED_REQUEST_HEADERS = frozenset(
+_STRIPPED = frozenset(
     {
         # Method overrides: ASP.NET Web API, Spring's HiddenHttpMethodFilter kin, express
         # method-override, Symfony (X-HTTP-Method-Override), OData/SharePoint (X-HTTP-Method).
@@ -62,6 +62,23 @@ STRIPPED_REQUEST_HEADERS = frozenset(
         "x-script-name",
     }
 )
+
+
+def _underscored(names: frozenset[str]) -> frozenset[str]:
+    """``names`` with every "-" also spelled "_": CGI-style servers (Rack, PHP, WSGI) read a
+    header ``X_HTTP_Method_Override`` as ``HTTP_X_HTTP_METHOD_OVERRIDE`` too."""
+    out = set()
+    for name in names:
+        parts = name.split("-")
+        for mask in range(1 << (len(parts) - 1)):
+            spelled = parts[0]
+            for i, part in enumerate(parts[1:]):
+                spelled += ("_" if mask >> i & 1 else "-") + part
+            out.add(spelled)
+    return frozenset(out)
+
+
+STRIPPED_REQUEST_HEADERS = _underscored(_STRIPPED)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:

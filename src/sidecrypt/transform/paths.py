@@ -47,6 +47,31 @@ _IGNORABLE = re.compile(
     "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
 )
 
+# Combining marks (what NFKD splits off accented letters), dropped by best-fit conversions.
+_COMBINING = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Windows best-fit mappings (WideCharToMultiByte) of structural look-alikes NFKC leaves alone.
+_BEST_FIT = str.maketrans(
+    {
+        "\u2215": "/",  # DIVISION SLASH
+        "\u2044": "/",  # FRACTION SLASH
+        "\u2216": "\\",  # SET MINUS
+        "\u00a5": "\\",  # YEN SIGN (cp932's backslash)
+        "\u20a9": "\\",  # WON SIGN (cp949's backslash)
+        "\u2024": ".",  # ONE DOT LEADER
+        "\u00b7": ".",  # MIDDLE DOT
+        "\u02d0": ":",  # MODIFIER LETTER TRIANGULAR COLON
+        "\u0131": "i",  # DOTLESS I
+        "\u0141": "L",  # L WITH STROKE (no decomposition)
+        "\u0142": "l",
+        "\u00f8": "o",  # O WITH STROKE
+        "\u00d8": "O",
+        "\u0111": "d",  # D WITH STROKE
+        "\u0110": "D",
+        "\u0127": "h",  # H WITH STROKE
+    }
+)
+
 Reading = tuple[object | None, ...]
 
 
@@ -99,17 +124,38 @@ def _decodings(s: str) -> Iterable[str]:
                 out.append(unquote(fixed, errors="replace"))
     if _PCT_U.search(s):
         wide = _PCT_U.sub(lambda m: chr(int(m[1], 16)), s)
+        if _SURROGATE.search(wide):  # %uD835%uDC2E is one code point to UTF-16 decoders
+            wide = wide.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
         out.append(wide)
         out.append(unquote(wide, errors="replace"))  # IIS decodes both kinds in one pass
     return out
 
 
+def _plus_and_delims(s: str) -> Iterable[str]:
+    """ "+" as a space (form decoding applied to paths: Java's URLDecoder, PHP's urldecode), and a
+    decoded "?" or "#" that a second parser takes as the end of the path."""
+    out = []
+    if "+" in s:
+        out.append(s.replace("+", " "))
+    if "?" in s or "#" in s:
+        out.append(re.split("[?#]", s, maxsplit=1)[0] or "/")
+    return out
+
+
 def _unicode(s: str) -> Iterable[str]:
-    """NFKC (fullwidth and other look-alikes), with and without default-ignorables."""
+    """NFKC (fullwidth and other look-alikes), with and without default-ignorables; Windows
+    "best fit" conversion to an ANSI code page (look-alike slashes and dots, letters without
+    their diacritics)."""
     if s.isascii():
         return ()
     dropped = _IGNORABLE.sub("", s)
-    return (dropped, unicodedata.normalize("NFKC", dropped), unicodedata.normalize("NFKC", s))
+    bare = _COMBINING.sub("", unicodedata.normalize("NFKD", dropped))
+    return (
+        dropped,
+        unicodedata.normalize("NFKC", dropped),
+        unicodedata.normalize("NFKC", s),
+        bare.translate(_BEST_FIT),
+    )
 
 
 def _spacing(s: str) -> Iterable[str]:
@@ -125,7 +171,12 @@ def _spacing(s: str) -> Iterable[str]:
     )
 
 
-_TEXT: tuple[Callable[[str], Iterable[str]], ...] = (_decodings, _unicode, _spacing)
+_TEXT: tuple[Callable[[str], Iterable[str]], ...] = (
+    _decodings,
+    _plus_and_delims,
+    _unicode,
+    _spacing,
+)
 
 
 # -- the shape normalizations (applied to every text form) ---------------------------------------
@@ -147,19 +198,26 @@ def _shapes(s: str) -> set[str]:
     """``s`` as routers shape it: backslashes, matrix parameters, trailing dots and spaces
     (Windows), then empty segments collapsed before or after dot segments are resolved.
 
-    Each step runs only when its character is there: a plain path costs one split.
+    Each step runs only when its characters are there: most forms are their only shape.
     """
+    if "\\" in s:
+        s = s.replace("\\", "/")
+    matrix = ";" in s
+    windows = "./" in s or " /" in s or s.endswith((".", " "))
+    dots = "/." in s
+    if not (matrix or windows or dots or "//" in s or (s.endswith("/") and s != "/")):
+        return {s}
     out = {s}
-    segs = (s.replace("\\", "/") if "\\" in s else s).split("/")[1:]
+    segs = s.split("/")[1:]
     lists = [segs]
-    if ";" in s:
+    if matrix:
         segs = [seg.partition(";")[0] for seg in segs]
         lists.append(segs)
-    if "." in s or " " in s:
+    if windows or matrix:
         lists.append([seg if seg in (".", "..") else seg.rstrip(". ") for seg in segs])
     for segments in lists:
         out.add("/" + "/".join(_resolve(x for x in segments if x)))
-        if "." in s:  # dot segments: resolved before empty segments go, too
+        if dots or windows:  # dot segments resolved before empty segments go, too
             out.add("/" + "/".join(x for x in _resolve(segments) if x))
     return out
 
