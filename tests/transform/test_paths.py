@@ -263,3 +263,11 @@ def test_disguised_protected_paths_are_protected_or_refused(case: tuple[str, str
     assert expected in ("users", "accounts", "billing")
     got = verdict(raw)
     assert got in ("refused", expected), (raw, unquote(raw), got)
+
+
+def test_the_work_per_target_is_bounded() -> None:
+    nasty = "/" + "/".join(["%25252575%C3%A9+%09%EF%BD%95%u0075." for _ in range(200)])
+    assert paths.readings(nasty) is None  # refused, after bounded work, never half checked
+    assert paths.readings(nasty[:40]) is not None
+    legit = "/search/" + "+".join(["caf%C3%A9"] * 200)  # 2 KB of encoded text: still checked
+    assert paths.readings(legit) is not None

@@ -205,9 +205,10 @@ class Proxy:
         ok = self._readings_ok.get(key)
         if ok is None:
             ok = not self.router.ambiguous(method, raw, match, guard)
-            if len(self._readings_ok) >= READINGS_CACHE:
-                self._readings_ok.clear()
-            self._readings_ok[key] = ok
+            if len(raw) <= 1024:  # long targets are rare: they need not crowd the cache
+                if len(self._readings_ok) >= READINGS_CACHE:
+                    self._readings_ok.clear()
+                self._readings_ok[key] = ok
         if not ok:
             raise RequestError(
                 "the request target reads as a path with other field rules once normalized "

@@ -23,9 +23,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable, Collection, Iterable, Sequence
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 LIMIT = 256  # distinct decoded forms of one target; more is refused, never half checked
+BUDGET = 128 * 1024  # characters the normalizations may produce for one target: bounds its cost
 
 # A path needs the rule unless it is lower-case unreserved ASCII and "/" only, with no segment
 # that ends in "." and no trailing "/": no normalization changes such a path.
@@ -37,7 +38,6 @@ _PCT_U = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
 # Overlong UTF-8 (%C0%AF is "/" to old IIS and some Java decoders): 2- and 3-byte forms.
 _OVERLONG2 = re.compile(r"%([cC][01])%([89abAB][0-9A-Fa-f])")
 _OVERLONG3 = re.compile(r"%[eE]0%([89][0-9A-Fa-f])%([89abAB][0-9A-Fa-f])")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 # Default-ignorable code points (Unicode DerivedCoreProperties), which renderers and some
 # normalizers drop: soft hyphen, zero-width characters, bidi controls, variation selectors, ...
@@ -110,24 +110,32 @@ def _overlong3(m: re.Match[str]) -> str:
     return f"%{((int(m[1], 16) & 0x3F) << 6) | (int(m[2], 16) & 0x3F):02X}"
 
 
+def _utf8(s: str) -> str:
+    """Percent-decoding as UTF-8, in one pass over the whole text (urllib's unquote splits it
+    into runs); text decoded before, lone surrogates included, survives it."""
+    raw = unquote_to_bytes(s.encode("utf-8", "surrogatepass"))
+    return raw.decode("utf-8", "replace")
+
+
 def _decodings(s: str) -> Iterable[str]:
     """Percent-decoding as UTF-8, as Latin-1, of overlong UTF-8, and IIS's %uXXXX."""
     if "%" not in s:
         return ()
     out = []
     if _PCT.search(s):
-        out.append(unquote(s, errors="replace"))
+        out.append(_utf8(s))
         if _PCT_HIGH.search(s):
-            out.append(_PCT.sub(lambda m: chr(int(m[1], 16)), s))  # Latin-1 (Tomcat < 8, ...)
+            if s.isascii():  # Latin-1 (Tomcat < 8, ...): bytes as characters, as sent
+                out.append(unquote_to_bytes(s).decode("latin-1"))
             fixed = _OVERLONG2.sub(_overlong2, _OVERLONG3.sub(_overlong3, s))
             if fixed != s:
-                out.append(unquote(fixed, errors="replace"))
+                out.append(_utf8(fixed))
     if _PCT_U.search(s):
         wide = _PCT_U.sub(lambda m: chr(int(m[1], 16)), s)
         if _SURROGATE.search(wide):  # %uD835%uDC2E is one code point to UTF-16 decoders
             wide = wide.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
         out.append(wide)
-        out.append(unquote(wide, errors="replace"))  # IIS decodes both kinds in one pass
+        out.append(_utf8(wide))  # IIS decodes both kinds in one pass
     return out
 
 
@@ -150,25 +158,22 @@ def _unicode(s: str) -> Iterable[str]:
         return ()
     dropped = _IGNORABLE.sub("", s)
     bare = _COMBINING.sub("", unicodedata.normalize("NFKD", dropped))
-    return (
-        dropped,
-        unicodedata.normalize("NFKC", dropped),
-        unicodedata.normalize("NFKC", s),
-        bare.translate(_BEST_FIT),
-    )
+    # NFKC of ``s`` itself is not needed: an ignorable left in a segment keeps it from any
+    # literal, and dropping one never adds or removes a "/".
+    return (dropped, unicodedata.normalize("NFKC", dropped), bare.translate(_BEST_FIT))
 
 
 def _spacing(s: str) -> Iterable[str]:
-    """Controls dropped (WHATWG drops tab and newlines), cut at NUL (C servers), segments
-    trimmed, all whitespace dropped."""
+    """Whitespace and controls dropped (WHATWG drops tab and newlines anywhere, Spring's
+    ``trimTokens`` and others trim segments), and a cut at NUL (C servers).
+
+    Dropping all of it stands for trimming too: pattern literals hold no whitespace, so a
+    segment that keeps some inside can only meet a wildcard, which the dropped form meets as
+    well (it is empty exactly when the trimmed one is).
+    """
     if _SPACE_OR_CONTROL.search(s) is None:
         return ()
-    return (
-        _CONTROL.sub("", s),
-        s.partition("\x00")[0] or "/",
-        "/".join(seg.strip() for seg in s.split("/")),
-        _SPACE_OR_CONTROL.sub("", s),
-    )
+    return (_SPACE_OR_CONTROL.sub("", s), s.partition("\x00")[0] or "/")
 
 
 _TEXT: tuple[Callable[[str], Iterable[str]], ...] = (
@@ -228,16 +233,21 @@ def _cases(s: str) -> set[str]:
     return {s.lower(), s.casefold(), s.upper().lower()}
 
 
-def readings(path: str, *, limit: int = LIMIT) -> frozenset[str] | None:
+def readings(path: str, *, limit: int = LIMIT, budget: int = BUDGET) -> frozenset[str] | None:
     """Every folded form under which an app may route ``path`` (the raw, percent-encoded path
-    of a target, without its query); None when the text forms are more than ``limit``."""
+    of a target, without its query); None when the text forms are more than ``limit``, or the
+    normalizations produce more than ``budget`` characters on the way (duplicates included)."""
     states = {path}
     if not plain(path):
         todo = [path]
+        spent = len(path)
         while todo:
             state = todo.pop()
             for normalize in _TEXT:
                 for form in normalize(state):
+                    spent += len(form)
+                    if spent > budget:
+                        return None
                     if form not in states:
                         if len(states) >= limit:
                             return None
