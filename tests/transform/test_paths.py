@@ -268,6 +268,6 @@ def test_disguised_protected_paths_are_protected_or_refused(case: tuple[str, str
 def test_the_work_per_target_is_bounded() -> None:
     nasty = "/" + "/".join(["%25252575%C3%A9+%09%EF%BD%95%u0075." for _ in range(200)])
     assert paths.readings(nasty) is None  # refused, after bounded work, never half checked
-    assert paths.readings(nasty[:40]) is not None
+    assert paths.readings("/%2575sers%C3%A9+%09x") is not None
     legit = "/search/" + "+".join(["caf%C3%A9"] * 200)  # 2 KB of encoded text: still checked
     assert paths.readings(legit) is not None
