@@ -58,9 +58,9 @@ OVERRIDE_PARAMS = frozenset(
 # A body on these has no defined meaning (RFC 9110 9.3.1/9.3.2); some servers ignore it and read
 # it as the next request. On a path whose bodies are protected, one is refused.
 BODYLESS_METHODS = frozenset({"GET", "HEAD"})
-# A JSON body that may carry an override key: "_method" in any case, or an ASCII letter
-# escaped (encoders escape only non-ASCII and controls, so "\u005f" is someone's choice).
-_JSON_OVERRIDE = re.compile(rb"[_-][mM][eE][tT][hH][oO][dD]|\\u00[4-7][0-9a-fA-F]")
+# An ASCII letter or "_" escaped in JSON: encoders escape only non-ASCII and controls, so
+# "\u005fmethod" is someone's choice.
+_ESCAPED_ASCII = re.compile(rb"\\u00[4-7][0-9a-fA-F]")
 READINGS_CACHE = 4096  # (method, raw path) decisions of the path rule kept per proxy
 _REQUEST_ID = istr("X-Request-Id")
 JSON_TYPES = ("application/json",)
@@ -69,7 +69,11 @@ OPAQUE_JSON = frozenset({"application/json-patch+json"})
 SMALL_BODY = 256 * 1024  # bodies up to this size with a known length are sent in one write
 # CONNECT asks for a tunnel, TRACE echoes the request (credentials included) back: neither has a
 # place behind a field-encrypting proxy (nginx refuses TRACE too).
-REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+REFUSED_METHODS = frozenset(
+    "".join(spelling)
+    for name in ("CONNECT", "TRACE")
+    for spelling in itertools.product(*({c, c.lower()} for c in name))
+)  # in every letter case (a lenient parser passes "trace"), at the cost of one set lookup
 
 
 def is_json(content_type: str) -> bool:
@@ -176,7 +180,7 @@ class Proxy:
                     body = await self._read_request_json(request, route)
                     if body is not None:
                         step = "request_transform"
-                        if _JSON_OVERRIDE.search(body) is not None:
+                        if _may_override(body):
                             self._check_json_override(request, body)
                         body = await self._transform_request(request, route, body, context)
                 step = "upstream"
@@ -538,6 +542,14 @@ class Proxy:
             purpose_of(request, self.settings),
             authorize=self._authorize,
         )
+
+
+def _may_override(body: bytes) -> bool:
+    """Whether a JSON body may carry a method-override key: substring tests first (a few
+    hundred nanoseconds on a 1 KB body), the regex only when an escape is there."""
+    if b"ethod" in body or b"ETHOD" in body:
+        return True
+    return b"\\u" in body and _ESCAPED_ASCII.search(body) is not None
 
 
 def override_values(query: str) -> list[str]:
