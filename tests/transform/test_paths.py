@@ -147,6 +147,15 @@ def verdict(raw: str, method: str = "POST") -> str:
         ("/u%CC%88sers/1", "refused"),  # "u" + COMBINING DIAERESIS, dropped by best fit
         ("/%uD835%uDC2Esers/1", "refused"),
         ("/files/%2B1", "-"),
+        # a ".format" suffix (Rails, Spring's suffix pattern match); an NTFS stream name
+        ("/billing.json", "refused"),
+        ("/users.json", "refused"),
+        ("/accounts/7.json", "accounts"),
+        ("/files/report.pdf", "-"),
+        ("/users::$DATA/1", "refused"),
+        # overlong 4-byte UTF-8; CESU-8 (a surrogate pair in 3-byte sequences)
+        ("/%F0%80%81%B5sers/1", "refused"),
+        ("/%ED%A0%B5%ED%B0%AEsers/1", "refused"),
         # matrix parameters where Tomcat reads a dot segment
         ("/users..;/1", "refused"),
         ("/public/..;x/users/1", "refused"),  # check_path's own refusal
@@ -184,7 +193,17 @@ def test_trivial_paths_have_one_reading(raw: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["/Users/1", "/users/", "/users./1", "/users.", "/a%20b", "/a;b", "/caf\u00e9", "/a b"],
+    [
+        "/Users/1",
+        "/users/",
+        "/users./1",
+        "/users.",
+        "/a%20b",
+        "/a;b",
+        "/caf\u00e9",
+        "/a b",
+        "/a.json",
+    ],
 )
 def test_other_paths_need_the_rule(raw: str) -> None:
     assert not paths.trivial(raw)

@@ -44,6 +44,7 @@ _STRIPPED = frozenset(
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "x-original-method",  # nginx auth_request conventions pass the method in it
         # Rewrites: IIS URL Rewrite and Symfony/Zend/Laminas (X-Original-URL, X-Rewrite-URL),
         # nginx auth_request conventions (X-Original-URI), Envoy (X-Envoy-Original-Path, -URL),
         # others' spellings of the same idea.
@@ -60,6 +61,14 @@ _STRIPPED = frozenset(
         "x-forwarded-path",
         "x-forwarded-uri",
         "x-script-name",
+        "script-name",  # gunicorn took a SCRIPT_NAME header as the script name
+        "x-request-uri",
+        # Framework-internal routing headers no client should set (Next.js).
+        "x-matched-path",
+        "x-invoke-path",
+        "x-invoke-query",
+        "x-middleware-rewrite",
+        "x-middleware-subrequest",
     }
 )
 

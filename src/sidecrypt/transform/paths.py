@@ -29,7 +29,8 @@ LIMIT = 256  # distinct decoded forms of one target; more is refused, never half
 BUDGET = 128 * 1024  # characters the normalizations may produce for one target: bounds its cost
 
 # A path needs the rule unless it is lower-case unreserved ASCII and "/" only, with no segment
-# that ends in "." and no trailing "/": no normalization changes such a path.
+# that ends in ".", no "." in its last segment and no trailing "/": no normalization changes
+# such a path.
 _NOT_TRIVIAL = re.compile(r"[^a-z0-9._~/-]")
 _PLAIN = re.compile(r"[A-Za-z0-9._~/-]*")
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -38,7 +39,11 @@ _PCT_U = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
 # Overlong UTF-8 (%C0%AF is "/" to old IIS and some Java decoders): 2- and 3-byte forms.
 _OVERLONG2 = re.compile(r"%([cC][01])%([89abAB][0-9A-Fa-f])")
 _OVERLONG3 = re.compile(r"%[eE]0%([89][0-9A-Fa-f])%([89abAB][0-9A-Fa-f])")
+_OVERLONG4 = re.compile(r"%[fF]0%(8[0-9A-Fa-f])%([89abAB][0-9A-Fa-f])%([89abAB][0-9A-Fa-f])")
+# CESU-8: a UTF-16 surrogate pair as two 3-byte sequences, which some Java decoders accept.
+_CESU = re.compile(r"%[eE][dD]%[abAB][0-9A-Fa-f]")
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_STREAM = re.compile(r"::\$[A-Za-z_]*$")  # an NTFS stream name: "users::$DATA" is "users"
 # Default-ignorable code points (Unicode DerivedCoreProperties), which renderers and some
 # normalizers drop: soft hyphen, zero-width characters, bidi controls, variation selectors, ...
 _IGNORABLE = re.compile(
@@ -80,7 +85,8 @@ def trivial(path: str) -> bool:
     return (
         _NOT_TRIVIAL.search(path) is None
         and "./" not in path
-        and (path[-1:] not in ("/", ".") or path == "/")
+        and "." not in path[path.rfind("/") :]  # a ".format" suffix, or a trailing dot
+        and (not path.endswith("/") or path == "/")
     )
 
 
@@ -110,6 +116,11 @@ def _overlong3(m: re.Match[str]) -> str:
     return f"%{((int(m[1], 16) & 0x3F) << 6) | (int(m[2], 16) & 0x3F):02X}"
 
 
+def _overlong4(m: re.Match[str]) -> str:
+    code = ((int(m[1], 16) & 0x3F) << 12) | ((int(m[2], 16) & 0x3F) << 6) | (int(m[3], 16) & 0x3F)
+    return f"%{code:02X}" if code < 0x80 else m[0]
+
+
 def _utf8(s: str) -> str:
     """Percent-decoding as UTF-8, in one pass over the whole text (urllib's unquote splits it
     into runs); text decoded before, lone surrogates included, survives it."""
@@ -127,9 +138,20 @@ def _decodings(s: str) -> Iterable[str]:
         if _PCT_HIGH.search(s):
             if s.isascii():  # Latin-1 (Tomcat < 8, ...): bytes as characters, as sent
                 out.append(unquote_to_bytes(s).decode("latin-1"))
-            fixed = _OVERLONG2.sub(_overlong2, _OVERLONG3.sub(_overlong3, s))
+            fixed = _OVERLONG2.sub(
+                _overlong2, _OVERLONG3.sub(_overlong3, _OVERLONG4.sub(_overlong4, s))
+            )
             if fixed != s:
                 out.append(_utf8(fixed))
+            if _CESU.search(s):
+                raw = unquote_to_bytes(s.encode("utf-8", "surrogatepass"))
+                try:
+                    pairs = raw.decode("utf-8", "surrogatepass")
+                except UnicodeDecodeError:
+                    pairs = ""
+                if pairs:
+                    utf16 = pairs.encode("utf-16-le", "surrogatepass")
+                    out.append(utf16.decode("utf-16-le", "replace"))
     if _PCT_U.search(s):
         wide = _PCT_U.sub(lambda m: chr(int(m[1], 16)), s)
         if _SURROGATE.search(wide):  # %uD835%uDC2E is one code point to UTF-16 decoders
@@ -200,25 +222,35 @@ def _resolve(segments: Iterable[str]) -> list[str]:
 
 
 def _shapes(s: str) -> set[str]:
-    """``s`` as routers shape it: backslashes, matrix parameters, trailing dots and spaces
-    (Windows), then empty segments collapsed before or after dot segments are resolved.
+    """``s`` as routers shape it: backslashes, matrix parameters, trailing dots and spaces and
+    ``::$DATA`` (Windows), then empty segments collapsed before or after dot segments are
+    resolved; and without a ``.format`` suffix on the last segment (Rails ``(.:format)``,
+    Spring's suffix pattern match).
 
     Each step runs only when its characters are there: most forms are their only shape.
     """
     if "\\" in s:
         s = s.replace("\\", "/")
     matrix = ";" in s
-    windows = "./" in s or " /" in s or s.endswith((".", " "))
+    stream = "::$" in s
+    windows = stream or "./" in s or " /" in s or s.endswith((".", " "))
     dots = "/." in s
-    if not (matrix or windows or dots or "//" in s or (s.endswith("/") and s != "/")):
+    head, _, last = s.rpartition("/")
+    suffix = "." in last and not last.startswith(".")
+    if not (matrix or windows or dots or suffix or "//" in s or (s.endswith("/") and s != "/")):
         return {s}
     out = {s}
+    if suffix:
+        out.add(f"{head}/{last.partition('.')[0]}")
+        out.add(f"{head}/{last.rpartition('.')[0]}")
     segs = s.split("/")[1:]
     lists = [segs]
     if matrix:
         segs = [seg.partition(";")[0] for seg in segs]
         lists.append(segs)
     if windows or matrix:
+        if stream:
+            segs = [_STREAM.sub("", seg) for seg in segs]
         lists.append([seg if seg in (".", "..") else seg.rstrip(". ") for seg in segs])
     for segments in lists:
         out.add("/" + "/".join(_resolve(x for x in segments if x)))
