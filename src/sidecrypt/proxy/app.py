@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import unquote_plus
 
 import pluggy
 from aiohttp import web
@@ -41,7 +38,7 @@ from ..events import AuditEvent, new_event
 from ..hookcall import DirectHook
 from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers
-from ..transform import paths
+from ..transform import overrides, paths
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .incoming import RequestView, base_request
@@ -50,17 +47,9 @@ from .upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-# Method overrides a form or query may carry (Rails, Laravel, Symfony, express method-override):
-# refused where they would change the field rules. The header forms are stripped (forward.py).
-OVERRIDE_PARAMS = frozenset(
-    {"_method", "x-http-method-override", "x-http-method", "x-method-override"}
-)
 # A body on these has no defined meaning (RFC 9110 9.3.1/9.3.2); some servers ignore it and read
 # it as the next request. On a path whose bodies are protected, one is refused.
 BODYLESS_METHODS = frozenset({"GET", "HEAD"})
-# An ASCII letter or "_" escaped in JSON: encoders escape only non-ASCII and controls, so
-# "\u005fmethod" is someone's choice.
-_ESCAPED_ASCII = re.compile(rb"\\u00[4-7][0-9a-fA-F]")
 READINGS_CACHE = 4096  # (method, raw path) decisions of the path rule kept per proxy
 _REQUEST_ID = istr("X-Request-Id")
 JSON_TYPES = ("application/json",)
@@ -154,7 +143,8 @@ class Proxy:
                 if not paths.trivial(raw):
                     self._check_readings(method, raw, match, guard)
                 if query and ("%" in query or "method" in query.lower()):
-                    self._check_query_override(request, query)
+                    for value in overrides.query_overrides(query):
+                        self.check_method_override(request, value)
                 if (
                     guard is not None
                     and (match is None or not match[0].needs_request_body)
@@ -180,8 +170,8 @@ class Proxy:
                     body = await self._read_request_json(request, route)
                     if body is not None:
                         step = "request_transform"
-                        if _may_override(body):
-                            self._check_json_override(request, body)
+                        for value in overrides.json_overrides(body):
+                            self.check_method_override(request, value)
                         body = await self._transform_request(request, route, body, context)
                 step = "upstream"
                 response = await self._forward(request, route, context, body)
@@ -238,24 +228,11 @@ class Proxy:
             )
         return guard
 
-    def _check_query_override(self, request: RequestView, query: str) -> None:
-        for value in override_values(query):
-            self.check_method_override(request, value)
-
-    def _check_json_override(self, request: RequestView, body: bytes) -> None:
-        """Laravel reads ``_method`` from a JSON body too (its input bag merges JSON)."""
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return  # the transform refuses it (400) with the reason
-        if isinstance(doc, dict):
-            for name, value in doc.items():
-                if name.strip().lower() in OVERRIDE_PARAMS and isinstance(value, str):
-                    self.check_method_override(request, value)
-
     def check_method_override(self, request: RequestView, value: str) -> None:
-        """Refuse a method override (a ``_method`` query or form field) that would make the app
-        apply other field rules than sidecrypt's reading of the real method does.
+        """Refuse a method override (a ``_method`` query, form or JSON field: see
+        transform/overrides.py) that would make the app apply other field rules than
+        sidecrypt's reading of the real method does. Form parsers call it with each value of
+        ``overrides.query_overrides(form_text)``.
 
         Override headers never reach the app (forward.STRIPPED_REQUEST_HEADERS); a field
         cannot be dropped without rewriting the target or body, so it is checked here.
@@ -542,34 +519,6 @@ class Proxy:
             purpose_of(request, self.settings),
             authorize=self._authorize,
         )
-
-
-def _may_override(body: bytes) -> bool:
-    """Whether a JSON body may carry a method-override key: substring tests first (a few
-    hundred nanoseconds on a 1 KB body), the regex only when an escape is there."""
-    if b"ethod" in body or b"ETHOD" in body:
-        return True
-    return b"\\u" in body and _ESCAPED_ASCII.search(body) is not None
-
-
-def override_values(query: str) -> list[str]:
-    """The values of method-override fields in a query (or urlencoded form) string.
-
-    Names are read as loosely as any framework might: split on ``&`` and ``;``, decoded up to
-    three times, trimmed, case-folded, and ``_method[]``-style suffixes dropped.
-    """
-    out = []
-    for piece in re.split("[&;]", query):
-        name, _, value = piece.partition("=")
-        for _ in range(3):
-            decoded = unquote_plus(name)
-            if decoded == name:
-                break
-            name = decoded
-        name = name.strip().lower().partition("[")[0]
-        if name in OVERRIDE_PARAMS:
-            out.append(unquote_plus(value))
-    return out
 
 
 def _upstream_body_error(exc: RequestError) -> SidecryptError:
