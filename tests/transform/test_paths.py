@@ -232,6 +232,15 @@ FULLWIDTH = {
     for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 }
 IGNORABLES = ["\u200b", "\u200d", "\u00ad", "\ufeff", "\u2060", "\ufe0f"]
+ACCENTED = {
+    "a": "\u00e1",
+    "e": "\u00e9",
+    "i": "\u00ed",
+    "o": "\u00f6",
+    "u": "\u00fc",
+    "n": "\u00f1",
+}
+HOWS = 11
 
 
 def _encode_char(c: str, how: int) -> str:
@@ -251,6 +260,17 @@ def _encode_char(c: str, how: int) -> str:
     if how == 6 and c.isascii():  # overlong two-byte UTF-8
         code = ord(c)
         return f"%{0xC0 | (code >> 6):02X}%{0x80 | (code & 0x3F):02X}"
+    if how == 7 and c.islower():  # MATHEMATICAL BOLD SMALL letter, as an IIS UTF-16 pair
+        code = 0x1D41A + ord(c) - ord("a")
+        high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
+        return f"%u{high:04X}%u{low:04X}"
+    if how == 8 and c in ACCENTED:  # Windows best fit drops the accent
+        return quote(ACCENTED[c], safe="")
+    if how == 9 and c.isascii():  # overlong three-byte UTF-8
+        code = ord(c)
+        return f"%E0%{0x80 | (code >> 6):02X}%{0x80 | (code & 0x3F):02X}"
+    if how == 10:  # double-encoded fullwidth
+        return quote(quote(FULLWIDTH.get(c, c), safe=""), safe="")
     return c
 
 
@@ -262,13 +282,17 @@ def disguised(draw: Any) -> tuple[str, str]:
         if c == "/":
             out.append(c)
             continue
-        how = draw(st.integers(min_value=-3, max_value=6))
+        how = draw(st.integers(min_value=-3, max_value=HOWS - 1))
         out.append(_encode_char(c, how) if how >= 0 else c)
     raw = "".join(out)
     segments = raw.split("/")
     # Segment-level disguises: a trailing dot or space, matrix parameters, a trailing slash.
-    tail = draw(st.sampled_from(["", ".", "%20", ";v=1", "..", "%2E", "%09"]))
+    tail = draw(
+        st.sampled_from(["", ".", "%20", ";v=1", "..", "%2E", "%09", "+", "%00x", "::$DATA", "%3F"])
+    )
     at = draw(st.integers(min_value=1, max_value=len(segments) - 1))
+    if tail in ("%00x", "%3F"):  # a cut drops what follows: only the last segment keeps the route
+        at = len(segments) - 1
     segments[at] += tail
     raw = "/".join(segments) + draw(st.sampled_from(["", "/"]))
     return path, raw
@@ -290,3 +314,23 @@ def test_the_work_per_target_is_bounded() -> None:
     assert paths.readings("/%2575sers%C3%A9+%09x") is not None
     legit = "/search/" + "+".join(["caf%C3%A9"] * 200)  # 2 KB of encoded text: still checked
     assert paths.readings(legit) is not None
+
+
+@st.composite
+def disguised_elsewhere(draw: Any) -> str:
+    """An unprotected path with a few of the same disguises: none reads as a protected one."""
+    path = draw(st.sampled_from(["/files/report", "/docs/a/b", "/search/caf", "/public/x"]))
+    chars = list(path)
+    for _ in range(draw(st.integers(min_value=0, max_value=4))):
+        at = draw(st.integers(min_value=1, max_value=len(chars) - 1))
+        if chars[at] != "/" and len(chars[at]) == 1:
+            chars[at] = _encode_char(chars[at], draw(st.integers(min_value=0, max_value=HOWS - 1)))
+    return "".join(chars) + draw(st.sampled_from(["", "/", ".pdf", "%20", "+x"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(disguised_elsewhere())
+def test_disguised_unprotected_paths_still_pass(raw: str) -> None:
+    """Never refused because of a reading; only a target past the bound is (fail closed)."""
+    got = verdict(raw)
+    assert got == "-" or (got == "refused" and paths.readings(raw) is None), (raw, unquote(raw))
