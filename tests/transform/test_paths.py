@@ -334,3 +334,38 @@ def test_disguised_unprotected_paths_still_pass(raw: str) -> None:
     """Never refused because of a reading; only a target past the bound is (fail closed)."""
     got = verdict(raw)
     assert got == "-" or (got == "refused" and paths.readings(raw) is None), (raw, unquote(raw))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/",
+        "/users/1",
+        "/Users/1",
+        "/users/",
+        "/users./1",
+        "/users.",
+        "/a%20b",
+        "/a;b",
+        "/a.json",
+        "/.well-known/x",
+        "/a..b/c",
+        "/x/.hidden",
+        "/a/b.c/d",
+        "/a_b/~c",
+        "/a/b/",
+        "/A",
+        "/é",
+    ],
+)
+def test_the_trivial_test_is_exact(raw: str) -> None:
+    """trivial() is the one regex the hot path runs: it must agree with its definition."""
+    segments = raw.split("/")[1:]
+    expected = (
+        all(c in "abcdefghijklmnopqrstuvwxyz0123456789._~-/" for c in raw)
+        and "./" not in raw
+        and "." not in segments[-1]
+        and (raw == "/" or not raw.endswith("/"))
+    )
+    assert paths.trivial(raw) == expected
+    assert (paths.TRIVIAL(raw) is not None) == expected

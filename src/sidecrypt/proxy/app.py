@@ -140,7 +140,7 @@ class Proxy:
             match, guard = self.router.lookup(method, request.path)
             if self.router.has_rules:
                 raw, _, query = request.raw_path.partition("?")
-                if not paths.trivial(raw):
+                if paths.TRIVIAL(raw) is None:
                     self._check_readings(method, raw, match, guard)
                 if query and ("%" in query or "method" in query.lower()):
                     for value in overrides.query_overrides(query):

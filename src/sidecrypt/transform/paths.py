@@ -30,8 +30,9 @@ BUDGET = 128 * 1024  # characters the normalizations may produce for one target:
 
 # A path needs the rule unless it is lower-case unreserved ASCII and "/" only, with no segment
 # that ends in ".", no "." in its last segment and no trailing "/": no normalization changes
-# such a path.
-_NOT_TRIVIAL = re.compile(r"[^a-z0-9._~/-]")
+# such a path. One fullmatch (about 200 ns): the only cost the hot path pays.
+_TRIVIAL = re.compile(r"(?:/[a-z0-9._~-]*[a-z0-9_~-])*/[a-z0-9_~-]+|/")
+TRIVIAL = _TRIVIAL.fullmatch  # not None: trivial (the proxy calls it without a wrapper)
 _PLAIN = re.compile(r"[A-Za-z0-9._~/-]*")
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _PCT_HIGH = re.compile(r"%[89A-Fa-f][0-9A-Fa-f]")
@@ -81,13 +82,8 @@ Reading = tuple[object | None, ...]
 
 
 def trivial(path: str) -> bool:
-    """True for a path every normalization leaves as it is: the hot path's only test."""
-    return (
-        _NOT_TRIVIAL.search(path) is None
-        and "./" not in path
-        and "." not in path[path.rfind("/") :]  # a ".format" suffix, or a trailing dot
-        and (not path.endswith("/") or path == "/")
-    )
+    """True for a path every normalization leaves as it is."""
+    return _TRIVIAL.fullmatch(path) is not None
 
 
 def plain(path: str) -> bool:
