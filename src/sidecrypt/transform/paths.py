@@ -2,17 +2,19 @@
 
 sidecrypt routes on its own reading of a target: percent-decoded once, matched exactly, then
 retried without matrix parameters, trailing slash and in lower case. The app behind it may read
-the same bytes another way: decode twice, decode IIS ``%uXXXX`` or overlong UTF-8, decode bytes
-as Latin-1, drop control characters or cut at a NUL, trim whitespace or Windows' trailing dots
-and spaces from segments, fold look-alikes (NFKC), ignore zero-width and other
-default-ignorable code points, compare case-insensitively, turn ``\\`` into ``/``, collapse
-slashes and resolve dot segments.
+the same bytes another way: decode twice, decode IIS ``%uXXXX``, overlong UTF-8 or CESU-8,
+decode bytes as Latin-1, take ``+`` as a space, cut at a decoded ``?``, ``#`` or NUL, drop
+whitespace and controls, fold look-alikes (NFKC, Windows best fit), ignore zero-width and other
+default-ignorable code points, drop Windows' trailing dots, spaces and ``::$DATA``, drop a
+``.format`` suffix, compare case-insensitively, turn ``\\`` into ``/``, collapse slashes and
+resolve dot segments.
 
 The rule, stated once: the *readings* of a target are the closure of its path under those
-normalizations (:func:`readings`, bounded by :data:`LIMIT`). A target is ambiguous when any
-reading selects field rules that sidecrypt's own reading does not select, or selects others
-(:func:`conflict`). The proxy refuses such a target (400 ``ambiguous_path``); a target with more
-readings than the bound is refused too. :func:`trivial` paths have one reading and skip it all.
+normalizations (:func:`readings`, bounded by :data:`LIMIT` forms and :data:`BUDGET` characters
+of work). A target is ambiguous when any reading selects field rules that sidecrypt's own
+reading does not select, or selects others (:func:`conflict`). The proxy refuses such a target
+(400 ``ambiguous_path``), and one past the bounds too. :func:`trivial` paths have one reading
+and skip it all.
 
 Readings are compared case-folded, against route patterns folded the same way
 (:func:`fold_pattern`). No HTTP and no I/O here: the router supplies the matching.
