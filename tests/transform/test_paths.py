@@ -135,6 +135,27 @@ def verdict(raw: str, method: str = "POST") -> str:
         ("/use%E2%80%8Drs/1", "refused"),
         ("/users%EF%B8%8F/1", "refused"),
         ("/users%F3%A0%80%81/1", "refused"),  # a tag character
+        # "+" as a space, a decoded "?" or "#" read as the end of the path by a second parser
+        ("/users+/1", "refused"),
+        ("/+users/1", "refused"),
+        ("/users%3F/1", "refused"),
+        ("/users%23x/1", "refused"),
+        ("/users%253F/1", "refused"),
+        # Windows best fit: look-alike slashes, letters without diacritics; UTF-16 pairs
+        ("/public%E2%88%95..%E2%88%95users/1", "refused"),
+        ("/%C3%BCsers/1", "refused"),
+        ("/u%CC%88sers/1", "refused"),  # "u" + COMBINING DIAERESIS, dropped by best fit
+        ("/%uD835%uDC2Esers/1", "refused"),
+        ("/files/%2B1", "-"),
+        # a ".format" suffix (Rails, Spring's suffix pattern match); an NTFS stream name
+        ("/billing.json", "refused"),
+        ("/users.json", "refused"),
+        ("/accounts/7.json", "accounts"),
+        ("/files/report.pdf", "-"),
+        ("/users::$DATA/1", "refused"),
+        # overlong 4-byte UTF-8; CESU-8 (a surrogate pair in 3-byte sequences)
+        ("/%F0%80%81%B5sers/1", "refused"),
+        ("/%ED%A0%B5%ED%B0%AEsers/1", "refused"),
         # matrix parameters where Tomcat reads a dot segment
         ("/users..;/1", "refused"),
         ("/public/..;x/users/1", "refused"),  # check_path's own refusal
@@ -172,7 +193,17 @@ def test_trivial_paths_have_one_reading(raw: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["/Users/1", "/users/", "/users./1", "/users.", "/a%20b", "/a;b", "/caf\u00e9", "/a b"],
+    [
+        "/Users/1",
+        "/users/",
+        "/users./1",
+        "/users.",
+        "/a%20b",
+        "/a;b",
+        "/caf\u00e9",
+        "/a b",
+        "/a.json",
+    ],
 )
 def test_other_paths_need_the_rule(raw: str) -> None:
     assert not paths.trivial(raw)
@@ -201,6 +232,15 @@ FULLWIDTH = {
     for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 }
 IGNORABLES = ["\u200b", "\u200d", "\u00ad", "\ufeff", "\u2060", "\ufe0f"]
+ACCENTED = {
+    "a": "\u00e1",
+    "e": "\u00e9",
+    "i": "\u00ed",
+    "o": "\u00f6",
+    "u": "\u00fc",
+    "n": "\u00f1",
+}
+HOWS = 11
 
 
 def _encode_char(c: str, how: int) -> str:
@@ -220,6 +260,17 @@ def _encode_char(c: str, how: int) -> str:
     if how == 6 and c.isascii():  # overlong two-byte UTF-8
         code = ord(c)
         return f"%{0xC0 | (code >> 6):02X}%{0x80 | (code & 0x3F):02X}"
+    if how == 7 and c.islower():  # MATHEMATICAL BOLD SMALL letter, as an IIS UTF-16 pair
+        code = 0x1D41A + ord(c) - ord("a")
+        high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
+        return f"%u{high:04X}%u{low:04X}"
+    if how == 8 and c in ACCENTED:  # Windows best fit drops the accent
+        return quote(ACCENTED[c], safe="")
+    if how == 9 and c.isascii():  # overlong three-byte UTF-8
+        code = ord(c)
+        return f"%E0%{0x80 | (code >> 6):02X}%{0x80 | (code & 0x3F):02X}"
+    if how == 10:  # double-encoded fullwidth
+        return quote(quote(FULLWIDTH.get(c, c), safe=""), safe="")
     return c
 
 
@@ -231,13 +282,17 @@ def disguised(draw: Any) -> tuple[str, str]:
         if c == "/":
             out.append(c)
             continue
-        how = draw(st.integers(min_value=-3, max_value=6))
+        how = draw(st.integers(min_value=-3, max_value=HOWS - 1))
         out.append(_encode_char(c, how) if how >= 0 else c)
     raw = "".join(out)
     segments = raw.split("/")
     # Segment-level disguises: a trailing dot or space, matrix parameters, a trailing slash.
-    tail = draw(st.sampled_from(["", ".", "%20", ";v=1", "..", "%2E", "%09"]))
+    tail = draw(
+        st.sampled_from(["", ".", "%20", ";v=1", "..", "%2E", "%09", "+", "%00x", "::$DATA", "%3F"])
+    )
     at = draw(st.integers(min_value=1, max_value=len(segments) - 1))
+    if tail in ("%00x", "%3F"):  # a cut drops what follows: only the last segment keeps the route
+        at = len(segments) - 1
     segments[at] += tail
     raw = "/".join(segments) + draw(st.sampled_from(["", "/"]))
     return path, raw
@@ -251,3 +306,66 @@ def test_disguised_protected_paths_are_protected_or_refused(case: tuple[str, str
     assert expected in ("users", "accounts", "billing")
     got = verdict(raw)
     assert got in ("refused", expected), (raw, unquote(raw), got)
+
+
+def test_the_work_per_target_is_bounded() -> None:
+    nasty = "/" + "/".join(["%25252575%C3%A9+%09%EF%BD%95%u0075." for _ in range(200)])
+    assert paths.readings(nasty) is None  # refused, after bounded work, never half checked
+    assert paths.readings("/%2575sers%C3%A9+%09x") is not None
+    legit = "/search/" + "+".join(["caf%C3%A9"] * 200)  # 2 KB of encoded text: still checked
+    assert paths.readings(legit) is not None
+
+
+@st.composite
+def disguised_elsewhere(draw: Any) -> str:
+    """An unprotected path with a few of the same disguises: none reads as a protected one."""
+    path = draw(st.sampled_from(["/files/report", "/docs/a/b", "/search/caf", "/public/x"]))
+    chars = list(path)
+    for _ in range(draw(st.integers(min_value=0, max_value=4))):
+        at = draw(st.integers(min_value=1, max_value=len(chars) - 1))
+        if chars[at] != "/" and len(chars[at]) == 1:
+            chars[at] = _encode_char(chars[at], draw(st.integers(min_value=0, max_value=HOWS - 1)))
+    return "".join(chars) + draw(st.sampled_from(["", "/", ".pdf", "%20", "+x"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(disguised_elsewhere())
+def test_disguised_unprotected_paths_still_pass(raw: str) -> None:
+    """Never refused because of a reading; only a target past the bound is (fail closed)."""
+    got = verdict(raw)
+    assert got == "-" or (got == "refused" and paths.readings(raw) is None), (raw, unquote(raw))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/",
+        "/users/1",
+        "/Users/1",
+        "/users/",
+        "/users./1",
+        "/users.",
+        "/a%20b",
+        "/a;b",
+        "/a.json",
+        "/.well-known/x",
+        "/a..b/c",
+        "/x/.hidden",
+        "/a/b.c/d",
+        "/a_b/~c",
+        "/a/b/",
+        "/A",
+        "/é",
+    ],
+)
+def test_the_trivial_test_is_exact(raw: str) -> None:
+    """trivial() is the one regex the hot path runs: it must agree with its definition."""
+    segments = raw.split("/")[1:]
+    expected = (
+        all(c in "abcdefghijklmnopqrstuvwxyz0123456789._~-/" for c in raw)
+        and "./" not in raw
+        and "." not in segments[-1]
+        and (raw == "/" or not raw.endswith("/"))
+    )
+    assert paths.trivial(raw) == expected
+    assert (paths.TRIVIAL(raw) is not None) == expected

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import unquote_plus
 
 import pluggy
 from aiohttp import web
@@ -42,7 +40,7 @@ from ..keys import CacheLimits, DataKeyService
 from ..plugin_manager import build_providers, build_stores
 from ..tokens.table import vault_table
 from ..tokens.vault import Vault
-from ..transform import paths
+from ..transform import overrides, paths
 from . import admin, forward, tls
 from .fields import FieldCrypto
 from .form_body import BodyKind, FormCrypto, body_kind
@@ -53,17 +51,9 @@ from .upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-# Method overrides a form or query may carry (Rails, Laravel, Symfony, express method-override):
-# refused where they would change the field rules. The header forms are stripped (forward.py).
-OVERRIDE_PARAMS = frozenset(
-    {"_method", "x-http-method-override", "x-http-method", "x-method-override"}
-)
 # A body on these has no defined meaning (RFC 9110 9.3.1/9.3.2); some servers ignore it and read
 # it as the next request. On a path whose bodies are protected, one is refused.
 BODYLESS_METHODS = frozenset({"GET", "HEAD"})
-# A JSON body that may carry an override key: "_method" in any case, or an ASCII letter
-# escaped (encoders escape only non-ASCII and controls, so "\u005f" is someone's choice).
-_JSON_OVERRIDE = re.compile(rb"[_-][mM][eE][tT][hH][oO][dD]|\\u00[4-7][0-9a-fA-F]")
 READINGS_CACHE = 4096  # (method, raw path) decisions of the path rule kept per proxy
 _REQUEST_ID = istr("X-Request-Id")
 # A client's id is kept when it is one a log line or a header can carry as it is (UUIDs, hex,
@@ -73,7 +63,11 @@ JSON_TYPES = ("application/json",)
 SMALL_BODY = 256 * 1024  # bodies up to this size with a known length are sent in one write
 # CONNECT asks for a tunnel, TRACE echoes the request (credentials included) back: neither has a
 # place behind a field-encrypting proxy (nginx refuses TRACE too).
-REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+REFUSED_METHODS = frozenset(
+    "".join(spelling)
+    for name in ("CONNECT", "TRACE")
+    for spelling in itertools.product(*({c, c.lower()} for c in name))
+)  # in every letter case (a lenient parser passes "trace"), at the cost of one set lookup
 
 
 def is_json(content_type: str) -> bool:
@@ -161,10 +155,11 @@ class Proxy:
             match, guard = self.router.lookup(method, request.path)
             if self.router.has_rules:
                 raw, _, query = request.raw_path.partition("?")
-                if not paths.trivial(raw):
+                if paths.TRIVIAL(raw) is None:
                     self._check_readings(method, raw, match, guard)
                 if query and ("%" in query or "method" in query.lower()):
-                    self._check_query_override(request, query)
+                    for value in overrides.query_overrides(query):
+                        self.check_method_override(request, value)
                 if (
                     guard is not None
                     and (match is None or not match[0].needs_request_body)
@@ -199,8 +194,8 @@ class Proxy:
                         step = "request_transform"
                         body, kind = read
                         if kind.kind == "json":
-                            if _JSON_OVERRIDE.search(body) is not None:
-                                self._check_json_override(request, body)
+                            for value in overrides.json_overrides(body):
+                                self.check_method_override(request, value)
                             body = await self._transform_request(request, route, body, context)
                         else:
                             body, ctype = await self._transform_form(
@@ -239,9 +234,10 @@ class Proxy:
         ok = self._readings_ok.get(key)
         if ok is None:
             ok = not self.router.ambiguous(method, raw, match, guard)
-            if len(self._readings_ok) >= READINGS_CACHE:
-                self._readings_ok.clear()
-            self._readings_ok[key] = ok
+            if len(raw) <= 1024:  # long targets are rare: they need not crowd the cache
+                if len(self._readings_ok) >= READINGS_CACHE:
+                    self._readings_ok.clear()
+                self._readings_ok[key] = ok
         if not ok:
             raise RequestError(
                 "the request target reads as a path with other field rules once normalized "
@@ -267,24 +263,11 @@ class Proxy:
             )
         return guard
 
-    def _check_query_override(self, request: RequestView, query: str) -> None:
-        for value in override_values(query):
-            self.check_method_override(request, value)
-
-    def _check_json_override(self, request: RequestView, body: bytes) -> None:
-        """Laravel reads ``_method`` from a JSON body too (its input bag merges JSON)."""
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            return  # the transform refuses it (400) with the reason
-        if isinstance(doc, dict):
-            for name, value in doc.items():
-                if name.strip().lower() in OVERRIDE_PARAMS and isinstance(value, str):
-                    self.check_method_override(request, value)
-
     def check_method_override(self, request: RequestView, value: str) -> None:
-        """Refuse a method override (a ``_method`` query or form field) that would make the app
-        apply other field rules than sidecrypt's reading of the real method does.
+        """Refuse a method override (a ``_method`` query, form or JSON field: see
+        transform/overrides.py) that would make the app apply other field rules than
+        sidecrypt's reading of the real method does. Form parsers call it with each value of
+        ``overrides.query_overrides(form_text)``.
 
         Override headers never reach the app (forward.STRIPPED_REQUEST_HEADERS); a field
         cannot be dropped without rewriting the target or body, so it is checked here.
@@ -664,26 +647,6 @@ class Proxy:
             purpose_of(request, self.settings),
             authorize=self._authorize,
         )
-
-
-def override_values(query: str) -> list[str]:
-    """The values of method-override fields in a query (or urlencoded form) string.
-
-    Names are read as loosely as any framework might: split on ``&`` and ``;``, decoded up to
-    three times, trimmed, case-folded, and ``_method[]``-style suffixes dropped.
-    """
-    out = []
-    for piece in re.split("[&;]", query):
-        name, _, value = piece.partition("=")
-        for _ in range(3):
-            decoded = unquote_plus(name)
-            if decoded == name:
-                break
-            name = decoded
-        name = name.strip().lower().partition("[")[0]
-        if name in OVERRIDE_PARAMS:
-            out.append(unquote_plus(value))
-    return out
 
 
 def _upstream_body_error(exc: RequestError) -> SidecryptError:

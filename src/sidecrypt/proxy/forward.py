@@ -37,13 +37,14 @@ HOP_BY_HOP = frozenset(
 # Headers a framework or gateway may take as the request's real method or path, so the app would
 # route it where sidecrypt did not look. Never forwarded, on any path. (X-Forwarded-* are all
 # dropped below and only -For, -Proto and -Host set again: -Prefix, -Path, -Uri never pass.)
-STRIPPED_REQUEST_HEADERS = frozenset(
+_STRIPPED = frozenset(
     {
         # Method overrides: ASP.NET Web API, Spring's HiddenHttpMethodFilter kin, express
         # method-override, Symfony (X-HTTP-Method-Override), OData/SharePoint (X-HTTP-Method).
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "x-original-method",  # nginx auth_request conventions pass the method in it
         # Rewrites: IIS URL Rewrite and Symfony/Zend/Laminas (X-Original-URL, X-Rewrite-URL),
         # nginx auth_request conventions (X-Original-URI), Envoy (X-Envoy-Original-Path, -URL),
         # others' spellings of the same idea.
@@ -60,8 +61,33 @@ STRIPPED_REQUEST_HEADERS = frozenset(
         "x-forwarded-path",
         "x-forwarded-uri",
         "x-script-name",
+        "script-name",  # gunicorn took a SCRIPT_NAME header as the script name
+        "x-request-uri",
+        # Framework-internal routing headers no client should set (Next.js).
+        "x-matched-path",
+        "x-invoke-path",
+        "x-invoke-query",
+        "x-middleware-rewrite",
+        "x-middleware-subrequest",
     }
 )
+
+
+def _underscored(names: frozenset[str]) -> frozenset[str]:
+    """``names`` with every "-" also spelled "_": CGI-style servers (Rack, PHP, WSGI) read a
+    header ``X_HTTP_Method_Override`` as ``HTTP_X_HTTP_METHOD_OVERRIDE`` too."""
+    out = set()
+    for name in names:
+        parts = name.split("-")
+        for mask in range(1 << (len(parts) - 1)):
+            spelled = parts[0]
+            for i, part in enumerate(parts[1:]):
+                spelled += ("_" if mask >> i & 1 else "-") + part
+            out.add(spelled)
+    return frozenset(out)
+
+
+STRIPPED_REQUEST_HEADERS = _underscored(_STRIPPED)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
