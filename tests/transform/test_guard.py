@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.proxy.test_fields import WrapProvider, make_route
 
 from sidecrypt import envelope
@@ -22,6 +23,8 @@ from sidecrypt.transform.guard import GuardPlan, PlaintextGuardError, all_tokens
 
 CANARY = "canary-guard-5e1d"
 FIELDS = ["$.ssn", "$.card.number", "$.contacts[*].phone", "$.tags[*]"]
+HEADER = envelope.build_header("test", "app", 1, (), b"w" * 40)
+TOKEN = envelope.seal(b'"x"', AESGCM(AESGCM.generate_key(bit_length=256)), header=HEADER, label="$")
 
 
 @pytest.fixture
@@ -118,7 +121,9 @@ async def test_keys_that_fold_alike_are_refused(crypto: FieldCrypto, doc: Any) -
         {"x": {"ssn": True}},
         {"x": {"ssn": None}},
         {"x": {"ssn": {"v": CANARY}}},
-        {"x": {"ssn": ["sc1.a", CANARY]}},  # a container counts unless every leaf is a token
+        {"x": {"ssn": [TOKEN, CANARY]}},  # a container counts unless every leaf is a token
+        {"x": {"ssn": "sc1." + CANARY}},  # the prefix alone is not a token
+        {"x": {"ssn": TOKEN[:-30]}},
         {"card.number.value": CANARY},  # a split key reaching inside the field
         {"tags": CANARY},  # not the shape [*] expects
         {"x": {"tags": [CANARY]}},
@@ -147,7 +152,8 @@ async def test_the_refusal_names_the_path() -> None:
         {"order": {"number": 5}},  # a generic last name with no card above it
         {"number": "1", "phone": "2"},
         {"card": {"exp": "12/30"}, "id": {"number": 1}},
-        {"x": {"ssn": "sc1.token"}},  # already a token: nothing to protect
+        {"x": {"ssn": TOKEN}},  # already a token: nothing to protect
+        {"x": {"ssn": [TOKEN, {"a": TOKEN}]}},
         {"x": {"ssn": []}},
         {"contacts": [{"name": "a"}]},
         {"tags": []},
@@ -195,5 +201,6 @@ def test_check_outgoing_is_the_last_stop() -> None:
 
 
 def test_all_tokens() -> None:
-    assert all_tokens("sc1.x") and all_tokens({"a": ["sc1.x", {}]}) and all_tokens([])
-    assert not all_tokens(None) and not all_tokens(1) and not all_tokens({"a": ["sc1.x", "y"]})
+    assert all_tokens(TOKEN) and all_tokens({"a": [TOKEN, {}]}) and all_tokens([])
+    assert not all_tokens(None) and not all_tokens(1) and not all_tokens({"a": [TOKEN, "y"]})
+    assert not all_tokens("sc1.x") and not all_tokens("sc1." + "A" * 80)

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..envelope import is_envelope
-from ..errors import RequestError, SidecryptError
+from ..envelope import is_envelope, parse
+from ..errors import CryptoError, RequestError, SidecryptError
 from ..selectors import DESCEND, INDEX, MEMBER, WILD, Selector, label
 from .fold import cached_fold
 
@@ -82,8 +82,23 @@ def _split(folded: str) -> tuple[str, ...]:
     return tuple(p for p in map(cached_fold, _SPLIT.split(folded)) if p) or (folded,)
 
 
+def is_token(value: Any) -> bool:
+    """A string that parses as a token: ``sc1.`` before a plaintext does not pass."""
+    if not is_envelope(value):
+        return False
+    try:
+        parse(value)
+    except (CryptoError, ValueError):
+        return False
+    return True
+
+
 def all_tokens(value: Any) -> bool:
-    """True when every leaf of ``value`` is a sidecrypt token (an empty container has none)."""
+    """True when every leaf of ``value`` is a well-formed token (an empty container has none).
+
+    Only places no selector reaches accept a client's tokens; selected places are always
+    encrypted again (fields.py).
+    """
     stack = [value]
     while stack:
         node = stack.pop()
@@ -91,7 +106,7 @@ def all_tokens(value: Any) -> bool:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-        elif not is_envelope(node):
+        elif not is_token(node):
             return False
     return True
 
