@@ -70,6 +70,10 @@ async def test_a_folded_key_is_encrypted_under_the_selectors_label(
         ({"CARD": {"Number": CANARY}}, ("CARD", "Number")),
         ({"card.number": CANARY}, ("card.number",)),
         ({"card[number]": CANARY}, ("card[number]",)),
+        ({"card['number']": CANARY}, ("card['number']",)),  # Spring's map-key syntax
+        ({'card["Number"]': CANARY}, ('card["Number"]',)),
+        ({"card\uff0enumber": CANARY}, ("card\uff0enumber",)),  # a fullwidth full stop
+        ({"card. number ": CANARY}, ("card. number ",)),
         ({"Card.NUMBER": CANARY}, ("Card.NUMBER",)),
         ({"card": {"num\u00adber": CANARY}}, ("card", "num\u00adber")),
         ({"contacts[0][phone]": CANARY}, ("contacts[0][phone]",)),
@@ -101,6 +105,9 @@ async def test_a_folded_required_field_counts_as_present(crypto: FieldCrypto) ->
         {"card": {"number": CANARY, "NUMBER": "x"}},
         {"Card": {"number": CANARY}, "card": {"x": 1}},
         {"other": [{"Name": 1, "name": 2}]},  # any key: apps would pick either
+        {"ssn\x00x": CANARY},  # C parsers stop at the NUL, others drop it
+        {"\x00ssn": CANARY},
+        {"x": {"a\x00b": 1}},
     ],
 )
 async def test_keys_that_fold_alike_are_refused(crypto: FieldCrypto, doc: Any) -> None:

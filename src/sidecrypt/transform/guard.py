@@ -78,8 +78,9 @@ def _short(path: Sequence[Part]) -> str:
 
 
 def _split(folded: str) -> tuple[str, ...]:
-    """``a.b``, ``a[b]``, ``a[0][b]`` -> its members, each folded (``a. b`` is ``a.b``)."""
-    return tuple(p for p in map(cached_fold, _SPLIT.split(folded)) if p) or (folded,)
+    """``a.b``, ``a[b]``, ``a['b']``, ``a[0][b]`` -> its members, each folded (``a. b``: a, b)."""
+    pieces = (cached_fold(p.strip("'\"")) for p in _SPLIT.split(folded))
+    return tuple(p for p in pieces if p) or (folded,)
 
 
 def is_token(value: Any) -> bool:
@@ -268,6 +269,12 @@ class GuardPlan:
         for key in node:
             info = _KEYS.get(key) or _key_info(key)
             plain = plain and not info[2]
+            if info[3]:
+                raise AmbiguousKeyError(
+                    f"a key of the object at {_short(path)} holds a NUL before more text: "
+                    "parsers that stop at NUL and parsers that drop it read different names",
+                    code="ambiguous_key",
+                )
             parts: tuple[str, ...] = info[1] or (info[0],)
             labels: tuple[Part, ...] = parts if info[1] else (key,)
             for n, part in enumerate(parts):
@@ -297,8 +304,9 @@ class GuardPlan:
         return _match(self._rules[name], chain, raw)
 
 
-# key -> (folded, its member chain when it holds '.', '[' or ']' else None, folds differently)
-KeyInfo = tuple[str, "tuple[str, ...] | None", bool]
+# key -> (folded, its member chain when it holds '.', '[' or ']' else None, folds differently,
+#         a NUL cuts it short differently from dropping the NUL)
+KeyInfo = tuple[str, "tuple[str, ...] | None", bool, bool]
 _KEYS: dict[str, KeyInfo] = {}
 _KEYS_MAX = 8192
 _Hit = tuple[Any, Any, Any, tuple[Part, ...], _Rule, "tuple[Part, ...] | None", bool, bool]
@@ -313,7 +321,8 @@ _FLAT = frozenset((str, int, float, bool, type(None)))
 def _key_info(key: str) -> KeyInfo:
     folded = cached_fold(key)
     parts = _split(folded) if ("." in folded or "[" in folded or "]" in folded) else None
-    info = (folded, parts, folded != key)
+    cut = "\x00" in key and cached_fold(key.partition("\x00")[0]) != folded
+    info = (folded, parts, folded != key, cut)
     if len(key) <= 64 and len(_KEYS) < _KEYS_MAX:
         _KEYS[key] = info
     return info
