@@ -211,3 +211,19 @@ def test_all_tokens() -> None:
     assert all_tokens(TOKEN) and all_tokens({"a": [TOKEN, {}]}) and all_tokens([])
     assert not all_tokens(None) and not all_tokens(1) and not all_tokens({"a": [TOKEN, "y"]})
     assert not all_tokens("sc1.x") and not all_tokens("sc1." + "A" * 80)
+
+
+async def test_a_shape_seen_before_under_another_spelling(crypto: FieldCrypto) -> None:
+    # {"a": {"b": ...}} and {"a.b": ...} share the chain a, b (and the route's memo of shapes);
+    # only the first is the selector's exact place
+    route = make_route(["$.a.b.ssn"])
+    for doc, where in (
+        ({"a": {"b": {"ssn": CANARY}}}, ("a", "b")),
+        ({"a.b": {"ssn": CANARY}}, ("a.b",)),
+    ):
+        raw = orjson.dumps(doc)
+        out, labels = await crypto.encrypt_body(raw, route, route.request_encrypt, ())
+        node = orjson.loads(out)
+        for step in where:
+            node = node[step]
+        assert labels == ["$.a.b.ssn"] and envelope.is_envelope(node["ssn"])

@@ -196,6 +196,7 @@ class FieldCrypto:
             have = {(id(c), k) for c, k, _ in slots}
             slots += [(c, k, lab) for c, k, lab, _ in extra if (id(c), k) not in have]
         if not slots:
+            guard.check_outgoing(doc)  # the body leaves as sent: the last check still applies
             return body, []
         name = route.key
         if name is None:

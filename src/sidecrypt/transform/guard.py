@@ -249,8 +249,9 @@ class GuardPlan:
                 if len(node) <= 64 and len(chain) <= 8:
                     shapes[shape] = plan
             found, rest = plan
-            for key, rule, canon, through, exact in found:
-                hits.append((node, key, node[key], (*path, key), rule, canon, through, exact))
+            for key, rule, canon, through in found:
+                where = (*path, key)  # the concrete path is not part of the shape: compare here
+                hits.append((node, key, node[key], where, rule, canon, through, where == canon))
             if rest and not _FLAT.issuperset(map(type, node.values())):
                 for key, more, more_raw in rest:
                     child = node[key]
@@ -263,7 +264,7 @@ class GuardPlan:
     ) -> _ObjectPlan:
         """Which keys of an object meet a rule, and how to walk the others."""
         rules = self._rules
-        found: list[tuple[str, _Rule, tuple[Part, ...] | None, bool, bool]] = []
+        found: list[tuple[str, _Rule, tuple[Part, ...] | None, bool]] = []
         rest: list[tuple[str, tuple[Part, ...], tuple[Part, ...]]] = []
         plain = True
         for key in node:
@@ -283,9 +284,7 @@ class GuardPlan:
                     sub, sub_raw = (*chain, *parts[:end]), (*raw, *labels[:end])
                     hit = self._match(part, sub, sub_raw)
                     if hit is not None:
-                        rule, canon = hit
-                        exact = canon is not None and (*path, key) == canon
-                        found.append((key, rule, canon, end < len(parts), exact))
+                        found.append((key, *hit, end < len(parts)))
                         break
             else:
                 rest.append((key, parts, labels))
@@ -311,7 +310,7 @@ _KEYS: dict[str, KeyInfo] = {}
 _KEYS_MAX = 8192
 _Hit = tuple[Any, Any, Any, tuple[Part, ...], _Rule, "tuple[Part, ...] | None", bool, bool]
 _ObjectPlan = tuple[
-    tuple[tuple[str, _Rule, "tuple[Part, ...] | None", bool, bool], ...],
+    tuple[tuple[str, _Rule, "tuple[Part, ...] | None", bool], ...],
     tuple[tuple[str, tuple[Part, ...], tuple[Part, ...]], ...],
 ]
 _SHAPES_MAX = 2048
