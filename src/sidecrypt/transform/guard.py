@@ -246,7 +246,7 @@ class GuardPlan:
                 plan = self._object_plan(node, chain, raw, path)
                 if len(shapes) >= _SHAPES_MAX:
                     shapes.clear()
-                if len(node) <= 64 and len(chain) <= 8:
+                if _small(shape):
                     shapes[shape] = plan
             found, rest = plan
             for key, rule, canon, through in found:
@@ -315,6 +315,14 @@ _ObjectPlan = tuple[
 ]
 _SHAPES_MAX = 2048
 _FLAT = frozenset((str, int, float, bool, type(None)))
+
+
+def _small(shape: tuple[Any, ...]) -> bool:
+    """Worth keeping: a few short keys under a short path (a client cannot grow the memo)."""
+    _, raw, keys = shape
+    if len(keys) > 64 or len(raw) > 8:
+        return False
+    return sum(len(p) for p in (*raw, *keys) if isinstance(p, str)) <= 2048
 
 
 def _key_info(key: str) -> KeyInfo:
