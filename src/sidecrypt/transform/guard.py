@@ -227,6 +227,8 @@ class GuardPlan:
         """
         shapes = self._shapes
         hits: list[_Hit] = []
+        if not self._rules:
+            return hits
         # (node, folded chain, label parts, concrete path)
         stack: list[tuple[Any, tuple[Part, ...], tuple[Part, ...], tuple[Part, ...]]] = [
             (doc, (), (), ())
