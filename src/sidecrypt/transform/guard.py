@@ -25,20 +25,17 @@ rules and stops it (500 ``plaintext_guard``) if anything protected is still not 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ..envelope import is_envelope, parse
 from ..errors import CryptoError, RequestError, SidecryptError
-from ..selectors import DESCEND, INDEX, MEMBER, WILD, Selector, label
-from .fold import cached_fold
+from ..selectors import label
+from .fold import cached_fold, split_key
+from .guard_rules import Part, Rule, compile_rule, match
 
-_SPLIT = re.compile(r"[.\[\]]+")
 _MAX_LABEL = 200
 
-Part = str | int
 Slot = tuple[Any, "str | int", str, int]  # container, key, label, index of the field rule
 
 
@@ -61,26 +58,9 @@ class AmbiguousKeyError(RequestError):
     code = "ambiguous_key"
 
 
-@dataclass(frozen=True, slots=True)
-class _Rule:
-    index: int  # the field's position in the route's list
-    text: str
-    head: tuple[tuple[str, Any], ...]  # steps up to the last named one, names folded
-    names: tuple[str, ...]  # the folded names of ``head``, in order
-    canon: tuple[str, ...]  # the same names as the selector spells them (for labels)
-    tail: Selector | None  # trailing [*] / [n] / .* steps, applied to the member's value
-    bind_as: str | None
-
-
 def _short(path: Sequence[Part]) -> str:
     text = label(tuple(path))
     return text if len(text) <= _MAX_LABEL else text[: _MAX_LABEL - 3] + "..."
-
-
-def _split(folded: str) -> tuple[str, ...]:
-    """``a.b``, ``a[b]``, ``a['b']``, ``a[0][b]`` -> its members, each folded (``a. b``: a, b)."""
-    pieces = (cached_fold(p.strip("'\"")) for p in _SPLIT.split(folded))
-    return tuple(p for p in pieces if p) or (folded,)
 
 
 def is_token(value: Any) -> bool:
@@ -112,56 +92,13 @@ def all_tokens(value: Any) -> bool:
     return True
 
 
-def _structural(
-    head: tuple[tuple[str, Any], ...],
-    canon: tuple[str, ...],
-    chain: tuple[Part, ...],
-    raw: tuple[Part, ...],
-) -> tuple[Part, ...] | None:
-    """The canonical path when ``head`` reaches exactly ``chain`` (folded), else None.
-
-    Named steps take the selector's spelling; the others keep ``raw``, the client's.
-    """
-
-    def go(i: int, n: int, j: int) -> tuple[Part, ...] | None:
-        if i == len(head):
-            return () if j == len(chain) else None
-        if j >= len(chain):
-            return None
-        kind, arg = head[i]
-        part = chain[j]
-        if kind == MEMBER:
-            rest = go(i + 1, n + 1, j + 1) if part == arg else None
-            return None if rest is None else (canon[n], *rest)
-        if kind in (WILD, INDEX):
-            number = part if isinstance(part, int) else int(part) if part.isdigit() else None
-            if kind == INDEX and number is not None and arg >= 0 and number != arg:
-                return None
-            rest = go(i + 1, n, j + 1)
-            return None if rest is None else (raw[j] if number is None else number, *rest)
-        for k in range(j, len(chain)):  # DESCEND: any run of members, then the name
-            if chain[k] == arg and (rest := go(i + 1, n + 1, k + 1)) is not None:
-                return (*raw[j:k], canon[n], *rest)
-        return None
-
-    return go(0, 0, 0)
-
-
-def _drifted(names: tuple[str, ...], chain: tuple[Part, ...]) -> bool:
-    """The names in order along ``chain``, the last one at its end."""
-    if chain[-1] != names[-1]:
-        return False
-    it = iter(chain[:-1])
-    return all(name in it for name in names[:-1])
-
-
 class GuardPlan:
     """A route's encrypt selectors, compiled for the guard (see the module docstring)."""
 
     def __init__(self, fields: Sequence[Any]) -> None:
-        rules: dict[str, list[_Rule]] = {}
+        rules: dict[str, list[Rule]] = {}
         for index, field in enumerate(fields):
-            rule = _compile(index, field.text, field.selector, field.bind_as)
+            rule = compile_rule(index, field.text, field.selector, field.bind_as)
             if rule is not None:
                 rules.setdefault(rule.names[-1], []).append(rule)
         self._rules = {name: tuple(found) for name, found in rules.items()}
@@ -266,7 +203,7 @@ class GuardPlan:
     ) -> _ObjectPlan:
         """Which keys of an object meet a rule, and how to walk the others."""
         rules = self._rules
-        found: list[tuple[str, _Rule, tuple[Part, ...] | None, bool]] = []
+        found: list[tuple[str, Rule, tuple[Part, ...] | None, bool]] = []
         rest: list[tuple[str, tuple[Part, ...], tuple[Part, ...]]] = []
         plain = True
         for key in node:
@@ -300,9 +237,9 @@ class GuardPlan:
 
     def _match(
         self, name: str, chain: tuple[Part, ...], raw: tuple[Part, ...]
-    ) -> tuple[_Rule, tuple[Part, ...] | None] | None:
+    ) -> tuple[Rule, tuple[Part, ...] | None] | None:
         """The first rule that reaches ``chain`` structurally, else the first that drifts to it."""
-        return _match(self._rules[name], chain, raw)
+        return match(self._rules[name], chain, raw)
 
 
 # key -> (folded, its member chain when it holds '.', '[' or ']' else None, folds differently,
@@ -310,9 +247,9 @@ class GuardPlan:
 KeyInfo = tuple[str, "tuple[str, ...] | None", bool, bool]
 _KEYS: dict[str, KeyInfo] = {}
 _KEYS_MAX = 8192
-_Hit = tuple[Any, Any, Any, tuple[Part, ...], _Rule, "tuple[Part, ...] | None", bool, bool]
+_Hit = tuple[Any, Any, Any, tuple[Part, ...], Rule, "tuple[Part, ...] | None", bool, bool]
 _ObjectPlan = tuple[
-    tuple[tuple[str, _Rule, "tuple[Part, ...] | None", bool], ...],
+    tuple[tuple[str, Rule, "tuple[Part, ...] | None", bool], ...],
     tuple[tuple[str, tuple[Part, ...], tuple[Part, ...]], ...],
 ]
 _SHAPES_MAX = 2048
@@ -329,46 +266,9 @@ def _small(shape: tuple[Any, ...]) -> bool:
 
 def _key_info(key: str) -> KeyInfo:
     folded = cached_fold(key)
-    parts = _split(folded) if ("." in folded or "[" in folded or "]" in folded) else None
+    parts = split_key(folded) if ("." in folded or "[" in folded or "]" in folded) else None
     cut = "\x00" in key and cached_fold(key.partition("\x00")[0]) != folded
     info = (folded, parts, folded != key, cut)
     if len(key) <= 64 and len(_KEYS) < _KEYS_MAX:
         _KEYS[key] = info
     return info
-
-
-def _match(
-    rules: tuple[_Rule, ...], chain: tuple[Part, ...], raw: tuple[Part, ...]
-) -> tuple[_Rule, tuple[Part, ...] | None] | None:
-    """The first rule that reaches ``chain`` structurally, else the first that drifts to it."""
-    drift = None
-    for rule in rules:
-        canon = _structural(rule.head, rule.canon, chain, raw)
-        if canon is not None:
-            return rule, canon
-        if drift is None and _drifted(rule.names, chain):
-            drift = rule
-    return None if drift is None else (drift, None)
-
-
-def _compile(index: int, text: str, selector: Selector, bind_as: str | None) -> _Rule | None:
-    steps = selector.steps
-    last = max((i for i, (kind, _) in enumerate(steps) if kind in (MEMBER, DESCEND)), default=-1)
-    if last < 0:
-        return None  # ``$.*``, ``$[0]``: no name to look for
-    head: list[tuple[str, Any]] = []
-    names: list[str] = []
-    canon: list[str] = []
-    for kind, arg in steps[: last + 1]:
-        if kind in (MEMBER, DESCEND):
-            # A selector name that itself holds '.' or '[' is read as its chain, like a key.
-            pieces = _split(cached_fold(arg))
-            whole = len(pieces) == 1
-            for j, piece in enumerate(pieces):
-                head.append((kind if j == 0 else MEMBER, piece))
-                names.append(piece)
-                canon.append(arg if whole else piece)
-        else:
-            head.append((kind, arg))
-    tail = Selector(text, steps[last + 1 :]) if last + 1 < len(steps) else None
-    return _Rule(index, text, tuple(head), tuple(names), tuple(canon), tail, bind_as)
