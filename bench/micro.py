@@ -71,6 +71,14 @@ async def _run(config: Path, body: bytes, quick: bool) -> dict[str, float]:
     out["select 3 fields in the 1 KB body (µs)"] = _best_us(
         lambda: _collect(doc, specs, encrypting=True), n
     )
+    # The issue-16 JSON checks encrypt_body runs on every body (transform/).
+    from sidecrypt.transform.duplicates import check_duplicates
+
+    guard = specs.guard  # type: ignore[attr-defined]
+    sealed = dict(doc, **{s.members[-1]: "sc1." + "A" * 60 for s in specs if s.members})
+    out["duplicate-key check, 1 KB body (µs)"] = _best_us(lambda: check_duplicates(body, doc), n)
+    out["guard scan, 1 KB body (µs)"] = _best_us(lambda: guard.find_slots(doc), n)
+    out["guard last check, 1 KB body (µs)"] = _best_us(lambda: guard.check_outgoing(sealed), n)
     out["parse 1 KB body, orjson (µs)"] = _best_us(lambda: loads_json(body), n)
     out["serialise 1 KB body, orjson (µs)"] = _best_us(lambda: orjson.dumps(doc), n)
     out["parse 1 KB body, stdlib json (µs)"] = _best_us(lambda: json.loads(body), n)

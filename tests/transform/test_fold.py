@@ -7,7 +7,7 @@ import unicodedata
 
 import pytest
 
-from sidecrypt.transform.fold import fold_key, is_folded
+from sidecrypt.transform.fold import fold_key, is_folded, split_key
 
 SPELLINGS = [
     "ssn",
@@ -115,3 +115,22 @@ def test_fold_is_idempotent_and_is_folded() -> None:
         assert is_folded(once)
     assert is_folded("ssn")
     assert not is_folded("SSN")
+
+
+@pytest.mark.parametrize(
+    ("key", "chain"),
+    [
+        ("card.number", ("card", "number")),
+        ("card[number]", ("card", "number")),
+        ("card['number']", ("card", "number")),
+        ('card["number"]', ("card", "number")),
+        ("contacts[0][phone]", ("contacts", "0", "phone")),
+        ("contacts[].phone", ("contacts", "phone")),
+        ("card. number ", ("card", "number")),
+        ("[ssn]", ("ssn",)),
+        ("ssn", ("ssn",)),
+        ("..", ("..",)),
+    ],
+)
+def test_split_key(key: str, chain: tuple[str, ...]) -> None:
+    assert split_key(fold_key(key)) == chain

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.proxy.test_fields import WrapProvider, make_route
 
 from sidecrypt import envelope
@@ -22,6 +23,8 @@ from sidecrypt.transform.guard import GuardPlan, PlaintextGuardError, all_tokens
 
 CANARY = "canary-guard-5e1d"
 FIELDS = ["$.ssn", "$.card.number", "$.contacts[*].phone", "$.tags[*]"]
+HEADER = envelope.build_header("test", "app", 1, (), b"w" * 40)
+TOKEN = envelope.seal(b'"x"', AESGCM(AESGCM.generate_key(bit_length=256)), header=HEADER, label="$")
 
 
 @pytest.fixture
@@ -67,6 +70,10 @@ async def test_a_folded_key_is_encrypted_under_the_selectors_label(
         ({"CARD": {"Number": CANARY}}, ("CARD", "Number")),
         ({"card.number": CANARY}, ("card.number",)),
         ({"card[number]": CANARY}, ("card[number]",)),
+        ({"card['number']": CANARY}, ("card['number']",)),  # Spring's map-key syntax
+        ({'card["Number"]': CANARY}, ('card["Number"]',)),
+        ({"card\uff0enumber": CANARY}, ("card\uff0enumber",)),  # a fullwidth full stop
+        ({"card. number ": CANARY}, ("card. number ",)),
         ({"Card.NUMBER": CANARY}, ("Card.NUMBER",)),
         ({"card": {"num\u00adber": CANARY}}, ("card", "num\u00adber")),
         ({"contacts[0][phone]": CANARY}, ("contacts[0][phone]",)),
@@ -98,6 +105,9 @@ async def test_a_folded_required_field_counts_as_present(crypto: FieldCrypto) ->
         {"card": {"number": CANARY, "NUMBER": "x"}},
         {"Card": {"number": CANARY}, "card": {"x": 1}},
         {"other": [{"Name": 1, "name": 2}]},  # any key: apps would pick either
+        {"ssn\x00x": CANARY},  # C parsers stop at the NUL, others drop it
+        {"\x00ssn": CANARY},
+        {"x": {"a\x00b": 1}},
     ],
 )
 async def test_keys_that_fold_alike_are_refused(crypto: FieldCrypto, doc: Any) -> None:
@@ -118,7 +128,9 @@ async def test_keys_that_fold_alike_are_refused(crypto: FieldCrypto, doc: Any) -
         {"x": {"ssn": True}},
         {"x": {"ssn": None}},
         {"x": {"ssn": {"v": CANARY}}},
-        {"x": {"ssn": ["sc1.a", CANARY]}},  # a container counts unless every leaf is a token
+        {"x": {"ssn": [TOKEN, CANARY]}},  # a container counts unless every leaf is a token
+        {"x": {"ssn": "sc1." + CANARY}},  # the prefix alone is not a token
+        {"x": {"ssn": TOKEN[:-30]}},
         {"card.number.value": CANARY},  # a split key reaching inside the field
         {"tags": CANARY},  # not the shape [*] expects
         {"x": {"tags": [CANARY]}},
@@ -147,7 +159,8 @@ async def test_the_refusal_names_the_path() -> None:
         {"order": {"number": 5}},  # a generic last name with no card above it
         {"number": "1", "phone": "2"},
         {"card": {"exp": "12/30"}, "id": {"number": 1}},
-        {"x": {"ssn": "sc1.token"}},  # already a token: nothing to protect
+        {"x": {"ssn": TOKEN}},  # already a token: nothing to protect
+        {"x": {"ssn": [TOKEN, {"a": TOKEN}]}},
         {"x": {"ssn": []}},
         {"contacts": [{"name": "a"}]},
         {"tags": []},
@@ -195,5 +208,22 @@ def test_check_outgoing_is_the_last_stop() -> None:
 
 
 def test_all_tokens() -> None:
-    assert all_tokens("sc1.x") and all_tokens({"a": ["sc1.x", {}]}) and all_tokens([])
-    assert not all_tokens(None) and not all_tokens(1) and not all_tokens({"a": ["sc1.x", "y"]})
+    assert all_tokens(TOKEN) and all_tokens({"a": [TOKEN, {}]}) and all_tokens([])
+    assert not all_tokens(None) and not all_tokens(1) and not all_tokens({"a": [TOKEN, "y"]})
+    assert not all_tokens("sc1.x") and not all_tokens("sc1." + "A" * 80)
+
+
+async def test_a_shape_seen_before_under_another_spelling(crypto: FieldCrypto) -> None:
+    # {"a": {"b": ...}} and {"a.b": ...} share the chain a, b (and the route's memo of shapes);
+    # only the first is the selector's exact place
+    route = make_route(["$.a.b.ssn"])
+    for doc, where in (
+        ({"a": {"b": {"ssn": CANARY}}}, ("a", "b")),
+        ({"a.b": {"ssn": CANARY}}, ("a.b",)),
+    ):
+        raw = orjson.dumps(doc)
+        out, labels = await crypto.encrypt_body(raw, route, route.request_encrypt, ())
+        node = orjson.loads(out)
+        for step in where:
+            node = node[step]
+        assert labels == ["$.a.b.ssn"] and envelope.is_envelope(node["ssn"])

@@ -198,12 +198,15 @@ class FieldCrypto:
         doc = _parse(body)
         check_duplicates(body, doc)
         guard = _guard(specs)
-        extra = guard.find_slots(doc) if guard else []
-        slots = _collect(doc, specs, encrypting=True, elsewhere=frozenset(s[3] for s in extra))
+        extra = guard.find_slots(doc)
         if extra:
+            slots = _collect(doc, specs, encrypting=True, elsewhere=frozenset(s[3] for s in extra))
             have = {(id(c), k) for c, k, _ in slots}
             slots += [(c, k, lab) for c, k, lab, _ in extra if (id(c), k) not in have]
+        else:
+            slots = _collect(doc, specs, encrypting=True)
         if not slots:
+            guard.check_outgoing(doc)  # the body leaves as sent: the last check still applies
             return body, []
         name = route.key
         if name is None:

@@ -79,3 +79,17 @@ def cached_fold(name: str) -> str:
         if len(name) <= _CACHE_KEY_MAX and len(_CACHE) < _CACHE_MAX:
             _CACHE[name] = folded
     return folded
+
+
+_SPLIT = re.compile(r"[.\[\]]+")
+
+
+def split_key(folded: str) -> tuple[str, ...]:
+    """A folded key read as the member chain it spells, as Spring, qs, Rails and PHP do.
+
+    ``a.b``, ``a[b]``, ``a['b']``, ``a[0][b]`` -> ``(a, b)``, ``(a, b)``, ``(a, b)``,
+    ``(a, 0, b)`` (all strings), each part folded again (``a. b`` is ``a.b``). A key without
+    ``.``, ``[`` or ``]`` is its own chain.
+    """
+    pieces = (cached_fold(p.strip("'\"")) for p in _SPLIT.split(folded))
+    return tuple(p for p in pieces if p) or (folded,)

@@ -25,20 +25,17 @@ rules and stops it (500 ``plaintext_guard``) if anything protected is still not 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from ..envelope import is_envelope
-from ..errors import RequestError, SidecryptError
-from ..selectors import DESCEND, INDEX, MEMBER, WILD, Selector, label
-from .fold import cached_fold
+from ..envelope import is_envelope, parse
+from ..errors import CryptoError, RequestError, SidecryptError
+from ..selectors import label
+from .fold import cached_fold, split_key
+from .guard_rules import Part, Rule, compile_rule, match
 
-_SPLIT = re.compile(r"[.\[\]]+")
 _MAX_LABEL = 200
 
-Part = str | int
 Slot = tuple[Any, "str | int", str, int]  # container, key, label, index of the field rule
 
 
@@ -61,29 +58,28 @@ class AmbiguousKeyError(RequestError):
     code = "ambiguous_key"
 
 
-@dataclass(frozen=True, slots=True)
-class _Rule:
-    index: int  # the field's position in the route's list
-    text: str
-    head: tuple[tuple[str, Any], ...]  # steps up to the last named one, names folded
-    names: tuple[str, ...]  # the folded names of ``head``, in order
-    canon: tuple[str, ...]  # the same names as the selector spells them (for labels)
-    tail: Selector | None  # trailing [*] / [n] / .* steps, applied to the member's value
-    bind_as: str | None
-
-
 def _short(path: Sequence[Part]) -> str:
     text = label(tuple(path))
     return text if len(text) <= _MAX_LABEL else text[: _MAX_LABEL - 3] + "..."
 
 
-def _split(folded: str) -> tuple[str, ...]:
-    """``a.b``, ``a[b]``, ``a[0][b]`` -> its members, each folded (``a. b`` is ``a.b``)."""
-    return tuple(p for p in map(cached_fold, _SPLIT.split(folded)) if p) or (folded,)
+def is_token(value: Any) -> bool:
+    """A string that parses as a token: ``sc1.`` before a plaintext does not pass."""
+    if not is_envelope(value):
+        return False
+    try:
+        parse(value)
+    except (CryptoError, ValueError):
+        return False
+    return True
 
 
 def all_tokens(value: Any) -> bool:
-    """True when every leaf of ``value`` is a sidecrypt token (an empty container has none)."""
+    """True when every leaf of ``value`` is a well-formed token (an empty container has none).
+
+    Only places no selector reaches accept a client's tokens; selected places are always
+    encrypted again (fields.py).
+    """
     stack = [value]
     while stack:
         node = stack.pop()
@@ -91,61 +87,18 @@ def all_tokens(value: Any) -> bool:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-        elif not is_envelope(node):
+        elif not is_token(node):
             return False
     return True
-
-
-def _structural(
-    head: tuple[tuple[str, Any], ...],
-    canon: tuple[str, ...],
-    chain: tuple[Part, ...],
-    raw: tuple[Part, ...],
-) -> tuple[Part, ...] | None:
-    """The canonical path when ``head`` reaches exactly ``chain`` (folded), else None.
-
-    Named steps take the selector's spelling; the others keep ``raw``, the client's.
-    """
-
-    def go(i: int, n: int, j: int) -> tuple[Part, ...] | None:
-        if i == len(head):
-            return () if j == len(chain) else None
-        if j >= len(chain):
-            return None
-        kind, arg = head[i]
-        part = chain[j]
-        if kind == MEMBER:
-            rest = go(i + 1, n + 1, j + 1) if part == arg else None
-            return None if rest is None else (canon[n], *rest)
-        if kind in (WILD, INDEX):
-            number = part if isinstance(part, int) else int(part) if part.isdigit() else None
-            if kind == INDEX and number is not None and arg >= 0 and number != arg:
-                return None
-            rest = go(i + 1, n, j + 1)
-            return None if rest is None else (raw[j] if number is None else number, *rest)
-        for k in range(j, len(chain)):  # DESCEND: any run of members, then the name
-            if chain[k] == arg and (rest := go(i + 1, n + 1, k + 1)) is not None:
-                return (*raw[j:k], canon[n], *rest)
-        return None
-
-    return go(0, 0, 0)
-
-
-def _drifted(names: tuple[str, ...], chain: tuple[Part, ...]) -> bool:
-    """The names in order along ``chain``, the last one at its end."""
-    if chain[-1] != names[-1]:
-        return False
-    it = iter(chain[:-1])
-    return all(name in it for name in names[:-1])
 
 
 class GuardPlan:
     """A route's encrypt selectors, compiled for the guard (see the module docstring)."""
 
     def __init__(self, fields: Sequence[Any]) -> None:
-        rules: dict[str, list[_Rule]] = {}
+        rules: dict[str, list[Rule]] = {}
         for index, field in enumerate(fields):
-            rule = _compile(index, field.text, field.selector, field.bind_as)
+            rule = compile_rule(index, field.text, field.selector, field.bind_as)
             if rule is not None:
                 rules.setdefault(rule.names[-1], []).append(rule)
         self._rules = {name: tuple(found) for name, found in rules.items()}
@@ -211,6 +164,8 @@ class GuardPlan:
         """
         shapes = self._shapes
         hits: list[_Hit] = []
+        if not self._rules:
+            return hits
         # (node, folded chain, label parts, concrete path)
         stack: list[tuple[Any, tuple[Part, ...], tuple[Part, ...], tuple[Part, ...]]] = [
             (doc, (), (), ())
@@ -230,11 +185,12 @@ class GuardPlan:
                 plan = self._object_plan(node, chain, raw, path)
                 if len(shapes) >= _SHAPES_MAX:
                     shapes.clear()
-                if len(node) <= 64 and len(chain) <= 8:
+                if _small(shape):
                     shapes[shape] = plan
             found, rest = plan
-            for key, rule, canon, through, exact in found:
-                hits.append((node, key, node[key], (*path, key), rule, canon, through, exact))
+            for key, rule, canon, through in found:
+                where = (*path, key)  # the concrete path is not part of the shape: compare here
+                hits.append((node, key, node[key], where, rule, canon, through, where == canon))
             if rest and not _FLAT.issuperset(map(type, node.values())):
                 for key, more, more_raw in rest:
                     child = node[key]
@@ -247,12 +203,18 @@ class GuardPlan:
     ) -> _ObjectPlan:
         """Which keys of an object meet a rule, and how to walk the others."""
         rules = self._rules
-        found: list[tuple[str, _Rule, tuple[Part, ...] | None, bool, bool]] = []
+        found: list[tuple[str, Rule, tuple[Part, ...] | None, bool]] = []
         rest: list[tuple[str, tuple[Part, ...], tuple[Part, ...]]] = []
         plain = True
         for key in node:
             info = _KEYS.get(key) or _key_info(key)
             plain = plain and not info[2]
+            if info[3]:
+                raise AmbiguousKeyError(
+                    f"a key of the object at {_short(path)} holds a NUL before more text: "
+                    "parsers that stop at NUL and parsers that drop it read different names",
+                    code="ambiguous_key",
+                )
             parts: tuple[str, ...] = info[1] or (info[0],)
             labels: tuple[Part, ...] = parts if info[1] else (key,)
             for n, part in enumerate(parts):
@@ -261,9 +223,7 @@ class GuardPlan:
                     sub, sub_raw = (*chain, *parts[:end]), (*raw, *labels[:end])
                     hit = self._match(part, sub, sub_raw)
                     if hit is not None:
-                        rule, canon = hit
-                        exact = canon is not None and (*path, key) == canon
-                        found.append((key, rule, canon, end < len(parts), exact))
+                        found.append((key, *hit, end < len(parts)))
                         break
             else:
                 rest.append((key, parts, labels))
@@ -277,65 +237,38 @@ class GuardPlan:
 
     def _match(
         self, name: str, chain: tuple[Part, ...], raw: tuple[Part, ...]
-    ) -> tuple[_Rule, tuple[Part, ...] | None] | None:
+    ) -> tuple[Rule, tuple[Part, ...] | None] | None:
         """The first rule that reaches ``chain`` structurally, else the first that drifts to it."""
-        return _match(self._rules[name], chain, raw)
+        return match(self._rules[name], chain, raw)
 
 
-# key -> (folded, its member chain when it holds '.', '[' or ']' else None, folds differently)
-KeyInfo = tuple[str, "tuple[str, ...] | None", bool]
+# key -> (folded, its member chain when it holds '.', '[' or ']' else None, folds differently,
+#         a NUL cuts it short differently from dropping the NUL)
+KeyInfo = tuple[str, "tuple[str, ...] | None", bool, bool]
 _KEYS: dict[str, KeyInfo] = {}
 _KEYS_MAX = 8192
-_Hit = tuple[Any, Any, Any, tuple[Part, ...], _Rule, "tuple[Part, ...] | None", bool, bool]
+_Hit = tuple[Any, Any, Any, tuple[Part, ...], Rule, "tuple[Part, ...] | None", bool, bool]
 _ObjectPlan = tuple[
-    tuple[tuple[str, _Rule, "tuple[Part, ...] | None", bool, bool], ...],
+    tuple[tuple[str, Rule, "tuple[Part, ...] | None", bool], ...],
     tuple[tuple[str, tuple[Part, ...], tuple[Part, ...]], ...],
 ]
 _SHAPES_MAX = 2048
 _FLAT = frozenset((str, int, float, bool, type(None)))
 
 
+def _small(shape: tuple[Any, ...]) -> bool:
+    """Worth keeping: a few short keys under a short path (a client cannot grow the memo)."""
+    _, raw, keys = shape
+    if len(keys) > 64 or len(raw) > 8:
+        return False
+    return sum(len(p) for p in (*raw, *keys) if isinstance(p, str)) <= 2048
+
+
 def _key_info(key: str) -> KeyInfo:
     folded = cached_fold(key)
-    parts = _split(folded) if ("." in folded or "[" in folded or "]" in folded) else None
-    info = (folded, parts, folded != key)
+    parts = split_key(folded) if ("." in folded or "[" in folded or "]" in folded) else None
+    cut = "\x00" in key and cached_fold(key.partition("\x00")[0]) != folded
+    info = (folded, parts, folded != key, cut)
     if len(key) <= 64 and len(_KEYS) < _KEYS_MAX:
         _KEYS[key] = info
     return info
-
-
-def _match(
-    rules: tuple[_Rule, ...], chain: tuple[Part, ...], raw: tuple[Part, ...]
-) -> tuple[_Rule, tuple[Part, ...] | None] | None:
-    """The first rule that reaches ``chain`` structurally, else the first that drifts to it."""
-    drift = None
-    for rule in rules:
-        canon = _structural(rule.head, rule.canon, chain, raw)
-        if canon is not None:
-            return rule, canon
-        if drift is None and _drifted(rule.names, chain):
-            drift = rule
-    return None if drift is None else (drift, None)
-
-
-def _compile(index: int, text: str, selector: Selector, bind_as: str | None) -> _Rule | None:
-    steps = selector.steps
-    last = max((i for i, (kind, _) in enumerate(steps) if kind in (MEMBER, DESCEND)), default=-1)
-    if last < 0:
-        return None  # ``$.*``, ``$[0]``: no name to look for
-    head: list[tuple[str, Any]] = []
-    names: list[str] = []
-    canon: list[str] = []
-    for kind, arg in steps[: last + 1]:
-        if kind in (MEMBER, DESCEND):
-            # A selector name that itself holds '.' or '[' is read as its chain, like a key.
-            pieces = _split(cached_fold(arg))
-            whole = len(pieces) == 1
-            for j, piece in enumerate(pieces):
-                head.append((kind if j == 0 else MEMBER, piece))
-                names.append(piece)
-                canon.append(arg if whole else piece)
-        else:
-            head.append((kind, arg))
-    tail = Selector(text, steps[last + 1 :]) if last + 1 < len(steps) else None
-    return _Rule(index, text, tuple(head), tuple(names), tuple(canon), tail, bind_as)
