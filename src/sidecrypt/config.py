@@ -139,6 +139,9 @@ class Server(Model):
         gt=0,
         description="seconds a client may leave its answer unread before it is disconnected",
     )
+    tls_reload_interval: float = Field(
+        5.0, ge=0, description="seconds between checks of TLS files for changes (0: SIGHUP only)"
+    )
 
 
 class Upstream(Model):
