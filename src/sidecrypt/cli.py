@@ -27,6 +27,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("json", "text"), default=None)
 
 
+def _pair(text: str) -> tuple[str, str]:
+    """NAME=VALUE (argparse type): a malformed one is a usage error, exit 2."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"want NAME=VALUE, not {text!r}")
+    return name.strip(), value
+
+
 def _out(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -230,7 +238,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
             route=args.route,
             selectors=tuple(args.field or ()),
             key=args.key,
-            context=dict(kv.split("=", 1) for kv in args.context or ()),
+            context=dict(args.context or ()),
+            headers=dict(args.header or ()),
+            query=dict(args.query or ()),
         )
     )
     sys.stdout.buffer.write(out + b"\n")
@@ -417,10 +427,32 @@ def build_parser() -> argparse.ArgumentParser:
         p = verb(name, cmd_transform, f"{name} fields of a JSON document offline")
         p.add_argument("--config", "-c", required=True)
         p.add_argument("input", nargs="?", default="-", help="JSON file, or - for stdin")
-        p.add_argument("--route", help="use this route's rules, e.g. 'POST /users/1'")
+        p.add_argument(
+            "--route",
+            help="use this route's rules and context, e.g. 'POST /records/1?tenant=t1': path "
+            "and query feed its path: and query: context entries",
+        )
         p.add_argument("--field", action="append", help="a selector (repeatable)")
         p.add_argument("--key", help="key name (with --field)")
-        p.add_argument("--context", action="append", help="NAME=VALUE (repeatable)")
+        p.add_argument(
+            "--context",
+            action="append",
+            type=_pair,
+            help="NAME=VALUE (repeatable): with --field the whole context; with --route the "
+            "value of the route's context entry NAME",
+        )
+        p.add_argument(
+            "--header",
+            action="append",
+            type=_pair,
+            help="NAME=VALUE (repeatable): a request header, for header: context entries",
+        )
+        p.add_argument(
+            "--query",
+            action="append",
+            type=_pair,
+            help="NAME=VALUE (repeatable): a query parameter, for query: context entries",
+        )
         p.add_argument("--format", choices=("sc1", "esdk"), help="override the key's format")
 
     p = verb("rewrap", cmd_rewrap, "re-encrypt stored tokens under a key's newest version")
