@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from tests.conftest import Certs
 
-from sidecrypt.errors import ConfigError
+from sidecrypt.errors import ConfigError, CryptoError
 from sidecrypt.keyring import create_key
-from sidecrypt.offline import transform_document
+from sidecrypt.offline import rewrap_document, transform_document
 
 SSN = "CANARY-123-45-6789"
 ROUTES = {
@@ -118,6 +118,29 @@ async def test_a_context_source_not_given_is_a_usage_error(
         )
     for word in words:
         assert word in err.value.message
+
+
+async def test_rewrap_with_a_route_checks_the_route_context(backfill: Any) -> None:
+    proxy, _ = backfill
+    settings = proxy.settings
+    sealed = await transform_document(
+        settings,
+        b'{"ssn": "x"}',
+        direction="encrypt",
+        route="POST /hdr/1",
+        headers={"X-Tenant": "t1"},
+    )
+    out, moved = await rewrap_document(
+        settings, sealed, to_key="app", route="POST /hdr/1", headers={"X-Tenant": "t1"}
+    )
+    assert [m[0] for m in moved] == ["$.ssn"] and out != sealed
+    with pytest.raises(CryptoError) as err:  # not the context the proxy would read it under
+        await rewrap_document(
+            settings, sealed, to_key="app", route="POST /hdr/1", headers={"X-Tenant": "t2"}
+        )
+    assert err.value.code == "context_mismatch"
+    with pytest.raises(ConfigError):
+        await rewrap_document(settings, sealed, to_key="app", route="POST /hdr/1")
 
 
 def test_cli_header_and_query_flags(tmp_path: Path) -> None:

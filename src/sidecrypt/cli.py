@@ -257,9 +257,13 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         rewrap_documents(
             settings,
             docs,
-            selectors=tuple(args.field),
+            selectors=tuple(args.field or ()),
             to_key=args.to_key,
             progress=_progress_bar(len(docs)) if args.jsonl else None,
+            route=args.route,
+            context=dict(args.context or ()),
+            headers=dict(args.header or ()),
+            query=dict(args.query or ()),
         )
     )
     for out in outs:
@@ -352,6 +356,34 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------------------
 
 
+def _route_flags(p: argparse.ArgumentParser) -> None:
+    """--route and what feeds its encryption context, as the proxy takes it from a request."""
+    p.add_argument(
+        "--route",
+        help="use this route's rules and context, e.g. 'POST /records/1?tenant=t1': path "
+        "and query feed its path: and query: context entries",
+    )
+    p.add_argument(
+        "--context",
+        action="append",
+        type=_pair,
+        help="NAME=VALUE (repeatable): with --field the whole context; with --route the "
+        "value of the route's context entry NAME",
+    )
+    p.add_argument(
+        "--header",
+        action="append",
+        type=_pair,
+        help="NAME=VALUE (repeatable): a request header, for header: context entries",
+    )
+    p.add_argument(
+        "--query",
+        action="append",
+        type=_pair,
+        help="NAME=VALUE (repeatable): a query parameter, for query: context entries",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecrypt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sidecrypt {__version__}")
@@ -427,39 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = verb(name, cmd_transform, f"{name} fields of a JSON document offline")
         p.add_argument("--config", "-c", required=True)
         p.add_argument("input", nargs="?", default="-", help="JSON file, or - for stdin")
-        p.add_argument(
-            "--route",
-            help="use this route's rules and context, e.g. 'POST /records/1?tenant=t1': path "
-            "and query feed its path: and query: context entries",
-        )
         p.add_argument("--field", action="append", help="a selector (repeatable)")
         p.add_argument("--key", help="key name (with --field)")
-        p.add_argument(
-            "--context",
-            action="append",
-            type=_pair,
-            help="NAME=VALUE (repeatable): with --field the whole context; with --route the "
-            "value of the route's context entry NAME",
-        )
-        p.add_argument(
-            "--header",
-            action="append",
-            type=_pair,
-            help="NAME=VALUE (repeatable): a request header, for header: context entries",
-        )
-        p.add_argument(
-            "--query",
-            action="append",
-            type=_pair,
-            help="NAME=VALUE (repeatable): a query parameter, for query: context entries",
-        )
+        _route_flags(p)
         p.add_argument("--format", choices=("sc1", "esdk"), help="override the key's format")
 
     p = verb("rewrap", cmd_rewrap, "re-encrypt stored tokens under a key's newest version")
     p.add_argument("--config", "-c", required=True)
     p.add_argument("input", nargs="?", default="-", help="JSON file, or - for stdin")
-    p.add_argument("--field", action="append", required=True, help="a selector (repeatable)")
+    p.add_argument("--field", action="append", help="a selector (repeatable)")
     p.add_argument("--to-key", required=True, help="the configured key to re-encrypt under")
+    _route_flags(p)
     p.add_argument("--format", choices=("sc1", "esdk"), help="write as sc1 tokens or ESDK messages")
     p.add_argument("--jsonl", action="store_true", help="one document per line (progress bar)")
 

@@ -146,7 +146,15 @@ def with_format(settings: Settings, key: str | None, fmt: str | None) -> Setting
 
 
 async def rewrap_document(
-    settings: Settings, doc: bytes, *, selectors: Sequence[str], to_key: str
+    settings: Settings,
+    doc: bytes,
+    *,
+    selectors: Sequence[str] = (),
+    to_key: str,
+    route: str | None = None,
+    context: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    query: Mapping[str, str] | None = None,
 ) -> tuple[bytes, list[tuple[str, str, int]]]:
     """Re-encrypt the tokens at ``selectors`` under ``to_key``'s newest version.
 
@@ -154,7 +162,16 @@ async def rewrap_document(
     (another account's KMS key, say) without the plaintext leaving this process. ``sc1.``
     tokens and ESDK messages are read alike; they are written in ``to_key``'s format.
     """
-    out, moved = await rewrap_documents(settings, [doc], selectors=selectors, to_key=to_key)
+    out, moved = await rewrap_documents(
+        settings,
+        [doc],
+        selectors=selectors,
+        to_key=to_key,
+        route=route,
+        context=context,
+        headers=headers,
+        query=query,
+    )
     return out[0], moved
 
 
@@ -162,14 +179,39 @@ async def rewrap_documents(
     settings: Settings,
     docs: Iterable[bytes],
     *,
-    selectors: Sequence[str],
+    selectors: Sequence[str] = (),
     to_key: str,
     progress: Callable[[int], None] | None = None,
+    route: str | None = None,
+    context: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    query: Mapping[str, str] | None = None,
 ) -> tuple[list[bytes], list[tuple[str, str, int]]]:
     """:func:`rewrap_document` over many documents (JSON Lines) with one set of providers
-    and data keys; ``progress`` gets the count of documents done after each."""
+    and data keys; ``progress`` gets the count of documents done after each.
+
+    With ``route`` (and the request parts that feed its context, as for encrypt), its fields
+    are rewrapped and every token must be bound to the context the proxy computes for it: a
+    record the proxy could not read back is refused, not moved.
+    """
     if to_key not in settings.keys:
         raise ConfigError(f"unknown key {to_key!r}", file=settings.source, path="--to-key")
+    expect = None
+    specs = adhoc_route(to_key, selectors, any_key=True).response_decrypt
+    if route is not None:
+        compiled, params, url = match_route(settings, route)
+        expect = route_context(
+            compiled,
+            params,
+            headers=headers or {},
+            query=MultiDict([*url.query.items(), *(query or {}).items()]),
+            given=context or {},
+        )
+        specs = specs or compiled.request_encrypt or compiled.response_decrypt
+    elif headers or query or context:
+        raise ConfigError("--context, --header and --query feed a route's context: give --route")
+    if not specs:
+        raise ConfigError("give --route or at least one --field selector")
     providers = build_providers(settings, make_plugin_manager())
     crypto = FieldCrypto(DataKeyService(providers))
     for provider in providers.values():
@@ -177,9 +219,8 @@ async def rewrap_documents(
     outs: list[bytes] = []
     moved: list[tuple[str, str, int]] = []
     try:
-        specs = adhoc_route(to_key, selectors, any_key=True).response_decrypt
         for doc in docs:
-            out, one = await crypto.rewrap_body(doc, specs, to_key=to_key)
+            out, one = await crypto.rewrap_body(doc, specs, to_key=to_key, expect_context=expect)
             outs.append(out)
             moved.extend(one)
             if progress is not None:
