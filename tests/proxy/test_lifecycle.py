@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 import trustme
 from aiohttp import web
 from tests.conftest import Certs
+from tests.proxy.test_tls_reload import _resume
 
 
 async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
@@ -156,6 +158,9 @@ async def test_sighup_revokes_a_client_ca_removed_from_its_file(
 
     try:
         assert (await status(from_a), await status(from_b)) == (200, "refused")
+        code, session, _ = await asyncio.to_thread(_resume, port, from_a, None)
+        code, session, reused = await asyncio.to_thread(_resume, port, from_a, session)
+        assert (code, reused) == (200, True)  # resumption works here, so refusing it is real
         ca_b.cert_pem.write_to_path(str(bundle))
         os.kill(proc.pid, signal.SIGHUP)
         for _ in range(100):  # bounded: the reload is logged once done
@@ -163,6 +168,8 @@ async def test_sighup_revokes_a_client_ca_removed_from_its_file(
                 break
             await asyncio.sleep(0.1)
         assert (await status(from_a), await status(from_b)) == ("refused", 200)
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # nor by resuming (uvloop here)
+            await asyncio.to_thread(_resume, port, from_a, session)
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 15)

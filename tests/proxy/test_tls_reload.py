@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,57 @@ async def test_a_ca_removed_from_upstream_ca_is_no_longer_trusted(
     trustme.CA().cert_pem.write_to_path(str(trusted))
     _reloads(proxy).reload_all()
     assert await _status(proxy.url, client) == 502  # the pooled one was closed, not reused
+
+
+def _resume(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[Any, ...]:
+    """One HTTP request on a fresh connection, offering ``session``: (status, session, reused)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as conn,
+    ):
+        conn.sendall(b"GET /r HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        head = b""
+        while b"\r\n" not in head:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        while conn.recv(4096):  # to the end: a TLS 1.3 ticket arrives after the handshake
+            pass
+        status = int(head.split(b" ")[1]) if head else "refused"
+        return status, conn.session, conn.session_reused
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_session_from_before_the_reload_is_not_resumed(
+    certs: Certs, upstream: Any, proxy_factory: Any, two_cas: Any, version: ssl.TLSVersion
+) -> None:
+    """Resumption skips certificate checks: a session from CA-A's time must not outlive it."""
+    ca_a, ca_b, bundle = two_cas
+    proxy = await _mtls_proxy(proxy_factory, certs, upstream, bundle)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    from_a = certs.client_context(client=ca_a.issue_cert("a.test", common_name="a"))
+    from_b = certs.client_context(client=ca_b.issue_cert("b.test", common_name="b"))
+    for ctx in (from_a, from_b):
+        ctx.minimum_version = ctx.maximum_version = version
+
+    async def attempt(ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[Any, ...]:
+        try:
+            return await asyncio.to_thread(_resume, port, ctx, session)
+        except (ssl.SSLError, ConnectionError):
+            return ("refused", None, False)
+
+    status, session_a, _ = await attempt(from_a, None)
+    assert status == 200 and session_a is not None
+    status, session_a, reused = await attempt(from_a, session_a)
+    assert (status, reused) == (200, True)  # resumption works: the case below is real
+    ca_b.cert_pem.write_to_path(str(bundle))
+    _reloads(proxy).reload_all()
+    assert (await attempt(from_a, session_a))[0] == "refused"
+    assert (await attempt(from_a, None))[0] == "refused"
+    await asyncio.sleep(1.1)  # sessions begun in the reload's second are treated as stale too
+    assert _reloads(proxy).contexts[0].stale_refused == 1
+    status, session_b, _ = await attempt(from_b, None)
+    assert status == 200
+    status, _, reused = await attempt(from_b, session_b)
+    assert (status, reused) == (200, True)  # sessions from after the reload resume as before

@@ -196,12 +196,20 @@ def _tls_reload_metrics(contexts: list[Any]) -> Iterator[Metric]:
         "When the TLS context in use was built (start-up or last successful reload)",
         labels=["context"],
     )
+    stale = CounterMetricFamily(
+        "sidecrypt_tls_stale_sessions_refused",
+        "Resumed client handshakes refused: the session began before a reload (mTLS)",
+        labels=["context"],
+    )
     for live in contexts:
         total.add_metric([live.name, "success"], live.successes)
         total.add_metric([live.name, "failure"], live.failures)
         last.add_metric([live.name], live.last_success)
+        if live.name == "listen":
+            stale.add_metric([live.name], live.stale_refused)
     yield total
     yield last
+    yield stale
 
 
 def _key_service_metrics(providers: Mapping[str, Any]) -> Iterator[Metric]:

@@ -7,7 +7,8 @@ whole new context through the same builders as start-up (proxy/tls.py) and swaps
 - the listener: asyncio servers keep the context they were created with, so that first context
   gets an ``sni_callback`` that moves each new handshake onto the current one
   (``ssl_object.context = current``; OpenSSL then uses its certificate, key and CA store).
-  Established connections keep the context they started with and finish normally.
+  Established connections keep the context they started with and finish normally; a resumed
+  session that began before the reload is refused when clients are verified (see ``select``).
 - the upstream pool: new connections use the current context; idle ones, verified under the
   old trust, are closed (proxy/upstream.py).
 
@@ -77,15 +78,32 @@ class LiveContext:
         self._seen = fingerprint(self.files)
         self.current = build()  # start-up errors propagate: no old context to keep
         self.on_swap = on_swap
+        self.swapped_at = 0  # whole seconds, as SSLSession.time: sessions up to it are stale
+        self.stale_refused = 0  # resumed handshakes refused (sessions from before a reload)
         self.successes = 0
         self.failures = 0
         self.last_success = time.time()
 
-    def select(self, ssl_object: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
-        """``sni_callback`` of the listener's first context: the handshake uses the current one."""
+    def select(
+        self, ssl_object: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext
+    ) -> int | None:
+        """``sni_callback`` of the listener's first context: the handshake uses the current one.
+
+        OpenSSL has decided on resumption by now, and a resumed session skips certificate
+        checks: one begun before the last reload, when clients are verified, could carry a
+        client certificate from a CA no longer trusted. Its handshake is refused; the client's
+        next one is a full handshake under the current context.
+        """
         current = self.current
-        if current is not ctx:
-            ssl_object.context = current
+        if current is ctx:
+            return None
+        if ssl_object.session_reused and current.verify_mode == ssl.CERT_REQUIRED:
+            session = ssl_object.session
+            if session is None or session.time <= self.swapped_at:
+                self.stale_refused += 1
+                return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+        ssl_object.context = current
+        return None
 
     def reload(self, *, seen: Fingerprint | None = None) -> bool:
         """Build a fresh context and swap it in; on failure keep the old one. True if swapped."""
@@ -99,6 +117,7 @@ class LiveContext:
                 extra={"context": self.name, "error": _reason(exc)},
             )
             return False
+        self.swapped_at = int(time.time())  # a session from this very second counts as stale
         self.current = fresh
         if self.on_swap is not None:
             self.on_swap(fresh)
