@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,27 @@ def test_fatal_errors_are_one_json_record_and_a_line(bad_config: Path, argv: lis
     assert records[0]["level"] == "critical" and records[0]["code"] == "config_error"
     assert "upstream.url: not a valid URL" in records[0]["error"]
     assert lines[-1].startswith(f"sidecrypt: {bad_config}: upstream.url: not a valid URL")
+
+
+def test_a_port_taken_is_a_fatal_error_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "s.yaml"
+        cfg.write_text(
+            "upstream: {url: 'http://127.0.0.1:9'}\n"
+            f"listen: {{address: '127.0.0.1:{port}'}}\nadmin: {{address: null}}\n"
+        )
+        out = run("run", "--config", str(cfg))
+    assert out.returncode == 1
+    assert b"Traceback" not in out.stderr
+    lines = out.stderr.decode().strip().splitlines()
+    assert lines[-1] == (
+        f"sidecrypt: listen.address: cannot listen on http://127.0.0.1:{port}: "
+        "address already in use"
+    )
+    assert json.loads(lines[-2])["code"] == "listen_failed"
 
 
 def test_closed_stdout_is_quiet(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .. import appkeys
 from ..config import Settings, parse_address
+from ..errors import SidecryptError
 from ..plugin_manager import describe_plugins, make_plugin_manager
 from . import dispatch, front, send_timeout, tls, tls_reload, workers
 from .app import CATCH_ALL_KEY, PROXY_KEY, create_app
@@ -99,17 +100,22 @@ async def start(
         backlog=settings.server.backlog,
         reuse_port=reuse_port or None,
     )
-    await site.start()
     runners = [runner]
-    if admin and settings.admin.address:
-        admin_runner = web.AppRunner(app[appkeys.ADMIN], access_log=None)
-        await admin_runner.setup()
-        if worker is None or worker.index == 0:
-            ahost, aport = parse_address(settings.admin.address)
-            await web.TCPSite(admin_runner, ahost, aport).start()
-        else:
-            await web.UnixSite(admin_runner, str(worker.socket(worker.index))).start()
-        runners.append(admin_runner)
+    try:
+        await _listen(site, "listen.address")
+        if admin and settings.admin.address:
+            admin_runner = web.AppRunner(app[appkeys.ADMIN], access_log=None)
+            await admin_runner.setup()
+            runners.append(admin_runner)
+            if worker is None or worker.index == 0:
+                ahost, aport = parse_address(settings.admin.address)
+                await _listen(web.TCPSite(admin_runner, ahost, aport), "admin.address")
+            else:
+                await web.UnixSite(admin_runner, str(worker.socket(worker.index))).start()
+    except BaseException:
+        for r in reversed(runners):
+            await r.cleanup()
+        raise
     stop = asyncio.Event()
     running = Running(runners, stop)
     log.info(
@@ -132,6 +138,19 @@ async def start(
             await r.cleanup()
 
     return running, shutdown
+
+
+async def _listen(site: web.BaseSite, setting: str) -> None:
+    """Start a site; a port taken or an address not ours is a one-line error naming the setting."""
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if "address already in use" in str(exc).lower():
+            reason = "address already in use"
+        raise SidecryptError(
+            f"{setting}: cannot listen on {site.name}: {reason}", code="listen_failed"
+        ) from None
 
 
 def _choose_engine(runner: web.AppRunner, settings: Settings) -> str:
