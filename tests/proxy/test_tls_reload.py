@@ -149,8 +149,14 @@ async def test_a_ca_removed_from_upstream_ca_is_no_longer_trusted(
     )
     client = certs.client_context()
     assert await _status(proxy.url, client) == 200  # and the connection is pooled
+    upstream_live = next(c for c in _reloads(proxy).contexts if c.name == "upstream")
+    trusted.write_text("not PEM at all\n")
+    _reloads(proxy).reload_all()  # fails: the previous context (trusting the CA) stays
+    assert (upstream_live.successes, upstream_live.failures) == (0, 1)
+    assert await _status(proxy.url, client) == 200
     trustme.CA().cert_pem.write_to_path(str(trusted))
     _reloads(proxy).reload_all()
+    assert upstream_live.successes == 1
     assert await _status(proxy.url, client) == 502  # the pooled one was closed, not reused
 
 
@@ -206,3 +212,42 @@ async def test_a_session_from_before_the_reload_is_not_resumed(
     assert status == 200
     status, _, reused = await attempt(from_b, session_b)
     assert (status, reused) == (200, True)  # sessions from after the reload resume as before
+
+
+async def test_a_new_upstream_client_certificate_is_used_after_reload(
+    certs: Certs, proxy_factory: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="mutual hello")
+
+    app = web.Application()
+    app.router.add_get("/r", hello)
+    client_ca = trustme.CA()  # the upstream trusts client certificates from this CA only
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certs.ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ca.configure_trust(server_ctx)
+    srv = await aiohttp_server(app, host="127.0.0.1", ssl=server_ctx)
+    cert, key = tmp_path / "up-client.pem", tmp_path / "up-client-key.pem"
+
+    def install(leaf: trustme.LeafCert) -> None:
+        cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+
+    install(trustme.CA().issue_cert("sidecrypt.test"))  # a CA the upstream does not trust
+    proxy = await proxy_factory(
+        {
+            "upstream": {
+                "url": f"https://localhost:{srv.port}",
+                "ca": str(certs.ca_file),
+                "client_cert": str(cert),
+                "client_key": str(key),
+            },
+            "server": {"tls_reload_interval": 0.05},
+        }
+    )
+    client = certs.client_context()
+    assert await _status(proxy.url, client) == 502
+    install(client_ca.issue_cert("sidecrypt.test"))  # rotated on disk, no signal
+    await _wait_reloaded(_reloads(proxy), "upstream", successes=1)
+    assert await _status(proxy.url, client) == 200
