@@ -57,6 +57,20 @@ def test_bad_values_are_one_line_and_exit_2(argv: list[str], word: str) -> None:
     assert word.encode() in out.stderr
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["certs", "dev", "/proc/no-such-dir"],
+        ["keys", "create", "--keyring", "/no/such/k.json", "a"],
+    ],
+)
+def test_a_file_that_cannot_be_written_is_one_line(argv: list[str]) -> None:
+    out = run(*argv)
+    assert out.returncode == 1
+    assert out.stderr.decode().startswith("sidecrypt: No such file or directory: /")
+    assert len(out.stderr.strip().splitlines()) == 1 and b"Traceback" not in out.stderr
+
+
 def test_global_flags_before_the_verb_apply() -> None:
     parser = build_parser()
     before = parser.parse_args(["--log-format", "text", "--log-level", "DEBUG", "run", "-c", "x"])

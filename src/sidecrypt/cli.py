@@ -610,6 +610,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except OSError as exc:  # a file or directory the verb needs: a line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        _fatal(
+            args, SidecryptError(f"{exc.strerror or type(exc).__name__}{where}", code="os_error")
+        )
+        return 1
     return code
 
 
