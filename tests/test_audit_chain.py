@@ -187,8 +187,19 @@ def test_chain_never_shows_its_key() -> None:
 
 def test_unreadable_file_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     result = verify_files([tmp_path / "missing.jsonl"], KEY)
+    assert result.problem is not None and result.problem.kind == "not_found"
+    assert str(result) == f"FAILED: not_found: not found: {tmp_path / 'missing.jsonl'}"
+    result = verify_files([tmp_path], KEY)  # a directory: unreadable, no line number
     assert result.problem is not None and result.problem.kind == "unreadable"
-    assert str(result).startswith("FAILED")
+    assert str(result).startswith(f"FAILED: {tmp_path}: unreadable") and "None" not in str(result)
+
+
+def test_trails_are_grouped_by_name_rotated_files_together(tmp_path: Path) -> None:
+    from sidecrypt.audit_chain import trail_name
+
+    assert trail_name("a.jsonl") == trail_name("a.jsonl.1") == trail_name("a.jsonl.12")
+    assert trail_name("a.jsonl.w0") != trail_name("a.jsonl.w1")
+    assert trail_name("a.jsonl.w0.3") == "a.jsonl.w0"
 
 
 def test_cli_verify_exit_codes(

@@ -86,7 +86,8 @@ def test_missing_keyring_is_caught_by_check_config(example: Path) -> None:
     (example.parent / "keyring.json").unlink()
     out = run("check-config", str(example))
     assert out.returncode == 2, out
-    assert b"keyring" in out.stderr
+    assert b"keys.app.keyring" in out.stderr  # the setting, not only the file's own path
+    assert str(example.parent / "keyring.json").encode() in out.stderr
 
 
 def test_keys_list_never_prints_key_bytes(tmp_path: Path) -> None:

@@ -131,3 +131,47 @@ def test_secret_ref_resolves_env_and_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert config.SecretRef(file=tmp_path / "s").resolve() == b"from-file"
     with pytest.raises(ConfigError, match="SC_TEST_MISSING"):
         config.SecretRef(env="SC_TEST_MISSING").resolve()
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "path"),
+    [
+        ("upstream: {url: 'http://a'}\nupstream: {url: 'http://b'}\n", 2, "upstream"),
+        ("upstream:\n  url: http://a\n  ca: x\n  url: http://b\n", 4, "upstream.url"),
+        (
+            "upstream: {url: 'http://a'}\nroutes:\n  - match: {path: /a}\n    key: k\n    key: j\n",
+            5,
+            "routes[0].key",
+        ),
+    ],
+)
+def test_duplicate_keys_are_refused_with_line_and_path(
+    tmp_path: Path, text: str, line: int, path: str
+) -> None:
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(cfg, environ={})
+    assert str(info.value).startswith(f"{cfg}: {path}: line {line}: duplicate key")
+    assert "http://b" not in str(info.value)  # the values themselves are not echoed
+
+
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path: Path) -> None:
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(
+        "admin: &a {address: '127.0.0.1:1'}\n"
+        "listen: {<<: *a, address: '127.0.0.1:2'}\n"  # a merge, then an override: not a duplicate
+        "upstream: {url: 'http://a'}\n"
+    )
+    settings = config.load(cfg, environ={})
+    assert (settings.admin.address, settings.listen.address) == ("127.0.0.1:1", "127.0.0.1:2")
+
+
+def test_an_invalid_environment_override_names_the_variable(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("upstream: {url: 'http://a'}\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(cfg, environ={"SIDECRYPT_WORKERS": "abc"})
+    message = str(info.value)
+    assert message.startswith("environment variable SIDECRYPT_WORKERS (overrides server.workers)")
+    assert str(cfg) not in message and "abc" not in message

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .identity import PeerCertificate, Principal
     from .keys import DataKeyService
+    from .proxy.tls_reload import Reloads
     from .proxy.workers import Worker
     from .stores.base import Store
     from .tokens.vault import Vault
@@ -35,6 +36,8 @@ PROXY: web.AppKey[web.Application] = web.AppKey("sidecrypt.proxy")
 AUDIT_GATE: web.AppKey[Callable[[], bool]] = web.AppKey("sidecrypt.audit_gate")
 """Set by the audit plugin: a fast sync check; False means refuse key use with 503."""
 WORKER: web.AppKey[Worker] = web.AppKey("sidecrypt.worker")
+TLS_RELOADS: web.AppKey[Reloads] = web.AppKey("sidecrypt.tls_reloads")
+"""The proxy's replaceable TLS contexts (listener, upstream) and their reload counts."""
 """This process's place among ``server.workers`` (absent with one worker)."""
 
 RequestObserver = Callable[[RequestView, int, float], None]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -143,7 +144,9 @@ class Problem:
     seq: int | None = None
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}: " if self.file else ""
+        where = (
+            "" if not self.file else f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
+        )
         return f"{where}{self.kind}: {self.message}"
 
 
@@ -214,6 +217,8 @@ def verify_files(paths: Iterable[str | Path], key: bytes) -> VerifyResult:
     for p in paths:
         try:
             loaded.append(_load(Path(p)))
+        except FileNotFoundError:
+            return VerifyResult(files=[str(p)], problem=Problem("not_found", f"not found: {p}"))
         except OSError as exc:
             return VerifyResult(
                 files=[str(p)], problem=Problem("unreadable", exc.strerror or "cannot read", str(p))
@@ -313,6 +318,26 @@ def verify_files(paths: Iterable[str | Path], key: bytes) -> VerifyResult:
             last,
         )
     return result
+
+
+_ROTATED = re.compile(r"\.\d+$")
+
+
+def trail_name(path: str | Path) -> str:
+    """The trail a file belongs to: FILE, FILE.1, FILE.2 (rotation) are FILE; FILE.w0 is its own."""
+    return _ROTATED.sub("", str(path))
+
+
+def verify_trails(paths: Iterable[str | Path], key: bytes) -> list[tuple[str, VerifyResult]]:
+    """Verify each trail on its own chain: files are grouped by ``trail_name``.
+
+    One worker writes one trail (``FILE.w0``, ``FILE.w1``, ...), each with its own sequence
+    numbers, so verifying them as one chain would report the second as replayed records.
+    """
+    trails: dict[str, list[str | Path]] = {}
+    for p in paths:
+        trails.setdefault(trail_name(p), []).append(p)
+    return [(name, verify_files(files, key)) for name, files in trails.items()]
 
 
 def last_record(path: Path, *, window: int = 1 << 16) -> dict[str, Any] | None:

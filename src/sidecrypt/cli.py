@@ -1,4 +1,4 @@
-"""``sidecrypt``: run the proxy, check configs, manage keys, transform documents offline.
+"""sidecrypt: run the proxy, check configs, manage keys, transform documents offline.
 
 Exit codes: 0 ok, 1 operation failed, 2 bad usage or bad config.
 """
@@ -9,10 +9,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__, config, logs
 from .errors import ConfigError, SidecryptError
@@ -22,9 +23,39 @@ log = logging.getLogger("sidecrypt")
 Handler = Callable[[argparse.Namespace], int]
 
 
+LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit code 2, for every verb."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default=None, help="debug, info, warning or error")
-    parser.add_argument("--log-format", choices=("json", "text"), default=None)
+    # SUPPRESS: a verb's parser must not overwrite a value given before the verb with None.
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default=argparse.SUPPRESS,
+        help="debug, info, warning or error (default: the config's log.level, or info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default=argparse.SUPPRESS,
+        help="json lines or readable text (default: the config's log.format, or json)",
+    )
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """NAME=VALUE (argparse type): a malformed one is a usage error, exit 2."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"want NAME=VALUE, not {text!r}")
+    return name.strip(), value
 
 
 def _out(obj: Any) -> None:
@@ -51,10 +82,14 @@ def _preflight(settings: config.Settings) -> list[str]:
     if settings.listen.tls is not None:
         tls.server_context(settings.listen.tls, source=settings.source)
     tls.upstream_context(settings.upstream, source=settings.source)
+    from .plugins.local_keys import LocalKeyProvider
+
     pm = make_plugin_manager()
     build_stores(settings, pm)
-    build_providers(settings, pm)
     notes: list[str] = []
+    for name, provider in build_providers(settings, pm).items():
+        if isinstance(provider, LocalKeyProvider) and provider.options.master_key is None:
+            notes.append(f"keys.{name}: {UNPROTECTED}")
     for batch in pm.hook.sidecrypt_check_config(settings=settings):
         notes.extend(batch)
     return notes
@@ -92,15 +127,21 @@ def cmd_certs_dev(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     # The demo's output is the story; logs only when something goes wrong (or when asked).
-    logs.setup(args.log_level or "error", args.log_format or "text")
+    logs.setup(getattr(args, "log_level", None) or "error", getattr(args, "log_format", "text"))
+    if args.app_only is not None:
+        try:
+            config.parse_address(args.app_only)
+        except ValueError:
+            raise ConfigError(f"--app-only wants host:port, not {args.app_only!r}") from None
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    if args.browser or (interactive and not args.no_browser and not args.keep_running):
+    wanted = args.keep_running or args.app_only is not None
+    if args.browser or (interactive and not args.no_browser and not wanted):
         from .demo_page.serve import run_page
 
         return run_page(args.port)
     from .demo import run_demo
 
-    return run_demo(keep_running=args.keep_running)
+    return run_demo(keep_running=args.keep_running, app_only=args.app_only)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -121,6 +162,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         else:
             info = local_keys.rotate_key(Path(args.keyring), args.name, master=master)
         _out(info)
+        if master is None and args.keys_verb == "create":
+            print(f"sidecrypt: note: {UNPROTECTED}", file=sys.stderr)
         if args.audit_config:
             return _audit_key_admin(args.audit_config, f"key_{args.keys_verb}", info)
     else:
@@ -150,6 +193,13 @@ def _branch_keys_admin(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+UNPROTECTED = (
+    "the local keyring is not protected at rest (no master key): whoever can read the file "
+    "has the keys; protect it with a master key (keys create --master-key-env VAR, and "
+    "master_key in the key's config) or use a KMS key: see docs/operations.md, Keys"
+)
 
 
 def _audit_key_admin(path: str, action: str, info: dict[str, Any]) -> int:
@@ -217,10 +267,19 @@ def _list_configured_keys(path: str) -> int:
     return 1 if any("error" in k for k in listed) else 0
 
 
+def _read_input(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}: {exc.strerror}") from None
+
+
 def cmd_transform(args: argparse.Namespace) -> int:
     from .offline import transform_document, with_format
 
-    source = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+    source = _read_input(args.input)
     settings = with_format(config.load(args.config), args.key, args.format)
     out = asyncio.run(
         transform_document(
@@ -230,7 +289,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
             route=args.route,
             selectors=tuple(args.field or ()),
             key=args.key,
-            context=dict(kv.split("=", 1) for kv in args.context or ()),
+            context=dict(args.context or ()),
+            headers=dict(args.header or ()),
+            query=dict(args.query or ()),
         )
     )
     sys.stdout.buffer.write(out + b"\n")
@@ -240,16 +301,20 @@ def cmd_transform(args: argparse.Namespace) -> int:
 def cmd_rewrap(args: argparse.Namespace) -> int:
     from .offline import rewrap_documents, with_format
 
-    source = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+    source = _read_input(args.input)
     settings = with_format(config.load(args.config), args.to_key, args.format)
     docs = [line for line in source.splitlines() if line.strip()] if args.jsonl else [source]
     outs, moved = asyncio.run(
         rewrap_documents(
             settings,
             docs,
-            selectors=tuple(args.field),
+            selectors=tuple(args.field or ()),
             to_key=args.to_key,
             progress=_progress_bar(len(docs)) if args.jsonl else None,
+            route=args.route,
+            context=dict(args.context or ()),
+            headers=dict(args.header or ()),
+            query=dict(args.query or ()),
         )
     )
     for out in outs:
@@ -341,22 +406,63 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit_chain import verify_files
+    from .audit_chain import verify_trails
 
     key = config.SecretRef(env=args.key_env).resolve()
-    result = verify_files([Path(p) for p in args.files], key)
-    print(str(result))
-    return 0 if result.ok else 1
+    results = verify_trails(args.files, key)
+    if len(results) == 1:
+        print(str(results[0][1]))
+    else:
+        for name, result in results:
+            print(f"{name}: {result}")
+        bad = sum(not r.ok for _, r in results)
+        print(
+            f"{len(results)} trails, each verified on its own chain (one per worker or file set): "
+            + ("all OK" if not bad else f"{bad} FAILED")
+        )
+    return 0 if all(r.ok for _, r in results) else 1
 
 
 # -- parser --------------------------------------------------------------------------------------
 
 
+def _route_flags(p: argparse.ArgumentParser) -> None:
+    """--route and what feeds its encryption context, as the proxy takes it from a request."""
+    p.add_argument(
+        "--route",
+        help="use this route's rules and context, e.g. 'POST /records/1?tenant=t1': path "
+        "and query feed its path: and query: context entries",
+    )
+    p.add_argument(
+        "--context",
+        action="append",
+        type=_pair,
+        help="NAME=VALUE (repeatable): with --field the whole context; with --route the "
+        "value of the route's context entry NAME",
+    )
+    p.add_argument(
+        "--header",
+        action="append",
+        type=_pair,
+        help="NAME=VALUE (repeatable): a request header, for header: context entries",
+    )
+    p.add_argument(
+        "--query",
+        action="append",
+        type=_pair,
+        help="NAME=VALUE (repeatable): a query parameter, for query: context entries",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sidecrypt", description=__doc__)
+    parser = _Parser(
+        prog="sidecrypt",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"sidecrypt {__version__}")
     _common(parser)
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", help="what to do")
 
     def verb(name: str, fn: Handler, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -367,10 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("run", cmd_run, "run the proxy")
     p.add_argument("--config", "-c", required=True, help="YAML config file")
     p = verb("check-config", cmd_check_config, "validate a config, its certificates and keys")
-    p.add_argument("file")
+    p.add_argument("file", help="YAML config file")
     p.add_argument("--offline", action="store_true", help="do not contact key providers")
     p = verb("demo", cmd_demo, "run a self-contained demo: legacy app + sidecrypt in front of it")
-    p.add_argument("--keep-running", action="store_true", help="stay up for curl")
+    p.add_argument(
+        "--keep-running", action="store_true", help="stay up for curl (free ports, printed)"
+    )
+    p.add_argument(
+        "--app-only",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve only the demo's legacy app (stores what it gets) there, e.g. 127.0.0.1:8080",
+    )
     p.add_argument(
         "--browser",
         action="store_true",
@@ -384,25 +498,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     certs = verb("certs", lambda a: 2, "certificate tooling")
-    csub = certs.add_subparsers(dest="certs_verb", required=True, metavar="VERB")
+    csub = certs.add_subparsers(dest="certs_verb", required=True, metavar="VERB", help="what to do")
     p = csub.add_parser("dev", help="write a dev CA, server and client certificates")
     _common(p)
-    p.add_argument("dir")
+    p.add_argument("dir", help="directory to write ca.pem, server.pem, client.pem and keys to")
     p.set_defaults(fn=cmd_certs_dev)
 
     keys = verb("keys", cmd_keys, "manage a local keyring (never prints key bytes)")
-    ksub = keys.add_subparsers(dest="keys_verb", required=True, metavar="VERB")
+    ksub = keys.add_subparsers(dest="keys_verb", required=True, metavar="VERB", help="what to do")
     for name, help_ in (("create", "create a key"), ("rotate", "add a new key version")):
         p = ksub.add_parser(name, help=help_)
         _common(p)
-        p.add_argument("--keyring", required=name == "create")
+        p.add_argument(
+            "--keyring",
+            required=name == "create",
+            help="the keyring file (created if missing)",
+        )
         if name == "rotate":
             p.add_argument("--config", "-c", help="rotate the branch key of a configured key")
             p.add_argument("--branch", help="with --config: only this branch, e.g. tenant=acme")
         p.add_argument("--master-key-env", default=None, help="env var holding the master key")
-        p.add_argument("name")
+        p.add_argument("name", help="the key's name inside the keyring")
         if name == "create":
-            p.add_argument("--kind", choices=("aes256", "rsa3072", "p256"), default="aes256")
+            p.add_argument(
+                "--kind",
+                choices=("aes256", "rsa3072", "p256"),
+                default="aes256",
+                help="aes256 (fields), or rsa3072/p256 (a public key clients encrypt to)",
+            )
         p.add_argument(
             "--audit-config",
             default=None,
@@ -420,24 +543,24 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--keyring", help="a local keyring file")
     where.add_argument("--config", "-c", help="every key a config names, through its provider")
-    p.add_argument("--master-key-env", default=None)
+    p.add_argument("--master-key-env", default=None, help="env var holding the master key")
     p.set_defaults(fn=cmd_keys)
 
     for name in ("encrypt", "decrypt"):
         p = verb(name, cmd_transform, f"{name} fields of a JSON document offline")
-        p.add_argument("--config", "-c", required=True)
+        p.add_argument("--config", "-c", required=True, help="YAML config file")
         p.add_argument("input", nargs="?", default="-", help="JSON file, or - for stdin")
-        p.add_argument("--route", help="use this route's rules, e.g. 'POST /users/1'")
         p.add_argument("--field", action="append", help="a selector (repeatable)")
         p.add_argument("--key", help="key name (with --field)")
-        p.add_argument("--context", action="append", help="NAME=VALUE (repeatable)")
+        _route_flags(p)
         p.add_argument("--format", choices=("sc1", "esdk"), help="override the key's format")
 
     p = verb("rewrap", cmd_rewrap, "re-encrypt stored tokens under a key's newest version")
-    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--config", "-c", required=True, help="YAML config file")
     p.add_argument("input", nargs="?", default="-", help="JSON file, or - for stdin")
-    p.add_argument("--field", action="append", required=True, help="a selector (repeatable)")
+    p.add_argument("--field", action="append", help="a selector (repeatable)")
     p.add_argument("--to-key", required=True, help="the configured key to re-encrypt under")
+    _route_flags(p)
     p.add_argument("--format", choices=("sc1", "esdk"), help="write as sc1 tokens or ESDK messages")
     p.add_argument("--jsonl", action="store_true", help="one document per line (progress bar)")
 
@@ -465,19 +588,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=cmd_tokens)
 
     audit = verb("audit", lambda a: 2, "audit trail tools")
-    asub = audit.add_subparsers(dest="audit_verb", required=True, metavar="VERB")
+    asub = audit.add_subparsers(dest="audit_verb", required=True, metavar="VERB", help="what to do")
     p = asub.add_parser("verify", help="verify the HMAC chain of audit files")
     _common(p)
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="audit files; each is its own chain (one per worker)")
     p.add_argument("--key-env", required=True, help="env var holding the audit HMAC key")
     p.set_defaults(fn=cmd_audit_verify)
     return parser
 
 
 def _setup_logs(args: argparse.Namespace, settings: config.Settings | None = None) -> None:
-    level = args.log_level or (settings.log.level if settings else "info")
-    fmt = args.log_format or (settings.log.format if settings else "json")
+    level = getattr(args, "log_level", None) or (settings.log.level if settings else "info")
+    fmt = getattr(args, "log_format", None) or (settings.log.format if settings else "json")
     logs.setup(level, fmt)
+    args.effective_log_format = fmt
+
+
+def _fatal(args: argparse.Namespace, exc: SidecryptError) -> None:
+    """A fatal error: one JSON record when logs are JSON (run's default), and a line for people."""
+    fmt = getattr(args, "log_format", None)
+    if fmt == "json" or (fmt is None and args.verb == "run"):
+        if getattr(args, "effective_log_format", None) != "json":
+            logs.setup("error", "json")
+        log.critical("sidecrypt cannot continue", extra={"error": exc.message, "code": exc.code})
+    print(f"sidecrypt: {exc.message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -486,14 +620,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logs(args)
     try:
         code: int = args.fn(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is handled below
     except ConfigError as exc:
-        print(f"sidecrypt: {exc.message}", file=sys.stderr)
+        _fatal(args, exc)
         return 2
     except SidecryptError as exc:
-        print(f"sidecrypt: {exc.message}", file=sys.stderr)
+        _fatal(args, exc)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout closed early (| head): quiet, as the Python docs advise (signal module notes);
+        # stdout goes to devnull so the interpreter's own flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # a file or directory the verb needs: a line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        _fatal(
+            args, SidecryptError(f"{exc.strerror or type(exc).__name__}{where}", code="os_error")
+        )
+        return 1
     return code
 
 

@@ -139,6 +139,9 @@ class Server(Model):
         gt=0,
         description="seconds a client may leave its answer unread before it is disconnected",
     )
+    tls_reload_interval: float = Field(
+        5.0, ge=0, description="seconds between checks of TLS files for changes (0: SIGHUP only)"
+    )
 
 
 class Upstream(Model):
@@ -485,18 +488,27 @@ def dotted(loc: Sequence[str | int]) -> str:
     return out
 
 
-def _format_errors(file: str, exc: ValidationError) -> ConfigError:
+def _format_errors(
+    file: str, exc: ValidationError, env: Mapping[str, str] | None = None
+) -> ConfigError:
+    """One line per error; a value that came from an environment override names the variable."""
     lines = []
+    paths = []
     for err in exc.errors(include_input=False, include_url=False):
         loc = tuple(p for p in err["loc"] if p not in ("function-after[_one_source()]",))
         msg = err["msg"].removeprefix("Value error, ")
         ctx_err = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _PathError):
             loc, msg = ctx_err.loc, ctx_err.message
-        lines.append(f"{file}: {dotted(loc) or '(top level)'}: {msg}")
-    first = lines[0].split(": ", 2)
+        path = dotted(loc) or "(top level)"
+        paths.append(path)
+        var = (env or {}).get(path)
+        if var is not None:
+            lines.append(f"environment variable {var} (overrides {path}): {msg}")
+        else:
+            lines.append(f"{file}: {path}: {msg}")
     error = ConfigError("\n".join(lines))
-    error.file, error.path = file, first[1] if len(first) > 1 else None
+    error.file, error.path = file, paths[0] if paths else None
     return error
 
 
@@ -519,7 +531,9 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
             node[loc[-1]] = str(base / node[loc[-1]])
 
 
-def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Apply the environment overrides; returns {dotted path: variable} of those applied."""
+    applied: dict[str, str] = {}
     for var, loc in ENV_OVERRIDES.items():
         if var in environ:
             node = raw
@@ -528,6 +542,8 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
                 if not isinstance(node, dict):
                     raise ConfigError(f"{var} overrides {dotted(loc)} but {part} is not a mapping")
             node[loc[-1]] = environ[var]
+            applied[dotted(loc)] = var
+    return applied
 
 
 def parse(
@@ -543,8 +559,7 @@ def parse(
     if not isinstance(raw, dict):
         raise ConfigError("the top level must be a mapping", file=file)
     raw = dict(raw)
-    if environ is not None:
-        apply_env(raw, environ)
+    env = apply_env(raw, environ) if environ is not None else {}
     base = base_dir or Path(".")
     _absolutize(raw, base)
     raw["source"] = file
@@ -552,7 +567,49 @@ def parse(
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
-        raise _format_errors(file, exc) from None
+        raise _format_errors(file, exc, env) from None
+
+
+def _refuse_duplicates(
+    node: yaml.Node, loc: tuple[str | int, ...], file: str, seen: set[int]
+) -> None:
+    """A key given twice in one mapping is an error: YAML would silently keep the last one."""
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is None or key.tag == "tag:yaml.org,2002:merge":
+                _refuse_duplicates(value, loc, file, seen)
+                continue
+            ident = (key.tag, name)
+            if ident in first:
+                raise ConfigError(
+                    f"line {key.start_mark.line + 1}: duplicate key {name!r} "
+                    f"(first on line {first[ident]}); YAML would keep only the last",
+                    file=file,
+                    path=dotted((*loc, name)),
+                )
+            first[ident] = key.start_mark.line + 1
+            _refuse_duplicates(value, (*loc, name), file, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, (*loc, i), file, seen)
+
+
+def _safe_load(text: str, file: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (with line and dotted path)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicates(node, (), file, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Settings:
@@ -563,7 +620,7 @@ def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Setti
     except OSError as exc:
         raise ConfigError(f"cannot read config: {exc.strerror}", file=str(path)) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _safe_load(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

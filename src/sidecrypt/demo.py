@@ -3,6 +3,9 @@
 Everything runs in one process on 127.0.0.1 with generated certificates and a fresh keyring in
 a temporary directory: the reader sees what the client sent, what the app stored in SQLite
 (ciphertext for the configured fields) and what the client reads back through sidecrypt.
+``--keep-running`` takes free ports and prints them; SIGTERM or Ctrl-C stops it, and the
+temporary directory (keyring and certificates included) is removed on every way out.
+``--app-only ADDRESS`` serves the legacy app alone, for the README's quick start.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sqlite3
 import ssl
 import tempfile
@@ -129,7 +133,25 @@ def _show(title: str, doc: Any) -> str:
     )
 
 
+def _stop_on_signals() -> asyncio.Event:
+    """SIGTERM and SIGINT end the demo through its ``finally`` blocks (files removed), exit 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_signal() -> None:
+        stop.set()
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+    return stop
+
+
 async def _demo(keep_running: bool) -> None:
+    _stop_on_signals()
     with tempfile.TemporaryDirectory(prefix="sidecrypt-demo-") as tmp:
         workdir = Path(tmp)
         db = sqlite3.connect(workdir / "legacy.db")
@@ -137,12 +159,9 @@ async def _demo(keep_running: bool) -> None:
         await app_runner.setup()
         await web.TCPSite(app_runner, "127.0.0.1", 0).start()
         upstream = f"http://127.0.0.1:{app_runner.addresses[0][1]}"
-        listen = "127.0.0.1:8443" if keep_running else "127.0.0.1:0"
-        settings = demo_settings(
-            workdir, upstream, listen, "127.0.0.1:9901" if keep_running else "127.0.0.1:0"
-        )
+        settings = demo_settings(workdir, upstream, "127.0.0.1:0", "127.0.0.1:0")
         running, shutdown = await server.start(settings)
-        port = running.addresses()[0][1]
+        port, admin_port = running.addresses()[0][1], running.addresses()[1][1]
         base = f"https://localhost:{port}"
         ctx = ssl.create_default_context(cafile=str(workdir / "certs" / "ca.pem"))
         try:
@@ -185,21 +204,41 @@ async def _demo(keep_running: bool) -> None:
                     raise SystemExit(1)
             if keep_running:
                 print(
-                    "sidecrypt stays up (Ctrl-C to stop). Try:\n"
+                    f"sidecrypt port {port}, admin port {admin_port}, app port "
+                    f"{app_runner.addresses[0][1]}; files in {workdir} (removed on exit)\n"
+                    "sidecrypt stays up (Ctrl-C or SIGTERM to stop). Try:\n"
                     f"  curl --cacert {workdir}/certs/ca.pem {base}/users\n"
                     f"  curl --cacert {workdir}/certs/ca.pem -H 'Content-Type: application/json' "
                     f'-d \'{{"name":"x","ssn":"000-00-0000"}}\' {base}/users\n'
                     f"  curl {upstream}/users        # the app itself: ciphertext\n"
-                    "  curl http://127.0.0.1:9901/readyz"
+                    f"  curl http://127.0.0.1:{admin_port}/readyz",
+                    flush=True,
                 )
-                await asyncio.Event().wait()
+                await asyncio.Event().wait()  # until a signal cancels this task
         finally:
             await shutdown()
             await app_runner.cleanup()
             db.close()
 
 
-def run_demo(*, keep_running: bool = False) -> int:
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run_loop(_demo(keep_running))
+async def _app_only(address: str) -> None:
+    """The legacy app alone (SQLite in memory), until SIGTERM or Ctrl-C."""
+    _stop_on_signals()
+    host, port = config.parse_address(address)
+    db = sqlite3.connect(":memory:")
+    runner = web.AppRunner(legacy_app(db), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"legacy app listening on http://{host}:{runner.addresses[0][1]}", flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        db.close()
+
+
+def run_demo(*, keep_running: bool = False, app_only: str | None = None) -> int:
+    main = _demo(keep_running) if app_only is None else _app_only(app_only)
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        server.run_loop(main)
     return 0

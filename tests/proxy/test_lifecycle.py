@@ -1,4 +1,7 @@
-"""Process lifecycle through the real ``sidecrypt run``: drain on SIGTERM, certificate reload on SIGHUP."""
+"""Process lifecycle through the real ``sidecrypt run`` (uvloop): drain on SIGTERM, reload on SIGHUP.
+
+The SIGHUP tests: a new server certificate, and a client CA replaced in its file is revoked.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,17 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 from tests.conftest import Certs
+from tests.proxy.test_tls_reload import _resume
 
 
 async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
@@ -118,6 +124,52 @@ async def test_sighup_reloads_certificates_without_dropping_connections(
             # the keep-alive connection opened before the reload still works
             async with s.get(f"https://localhost:{port}/b", ssl=ctx) as r:
                 assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
+
+
+async def test_sighup_revokes_a_client_ca_removed_from_its_file(
+    certs: Certs, upstream: Any, tmp_path: Path
+) -> None:
+    ca_a, ca_b = trustme.CA(), trustme.CA()
+    bundle = tmp_path / "client-ca.pem"
+    ca_a.cert_pem.write_to_path(str(bundle))
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        f"upstream: {{url: '{upstream.url}'}}\n"
+        f"listen: {{address: '127.0.0.1:0', tls: {{cert: '{certs.server_cert}', "
+        f"key: '{certs.server_key}', client_ca: '{bundle}'}}}}\n"
+        "admin: {address: null}\nserver: {tls_reload_interval: 0}\n"  # the signal alone
+    )
+    proc, port = await _start(cfg)
+    from_a = certs.client_context(client=ca_a.issue_cert("a.test", common_name="a"))
+    from_b = certs.client_context(client=ca_b.issue_cert("b.test", common_name="b"))
+
+    async def status(ctx: Any) -> int | str:
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"https://localhost:{port}/r", ssl=ctx) as r,
+            ):
+                return r.status
+        except (aiohttp.ClientError, ConnectionError):
+            return "refused"
+
+    try:
+        assert (await status(from_a), await status(from_b)) == (200, "refused")
+        code, session, _ = await asyncio.to_thread(_resume, port, from_a, None)
+        code, session, reused = await asyncio.to_thread(_resume, port, from_a, session)
+        assert (code, reused) == (200, True)  # resumption works here, so refusing it is real
+        ca_b.cert_pem.write_to_path(str(bundle))
+        os.kill(proc.pid, signal.SIGHUP)
+        for _ in range(100):  # bounded: the reload is logged once done
+            if await status(from_b) == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (await status(from_a), await status(from_b)) == ("refused", 200)
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # nor by resuming (uvloop here)
+            await asyncio.to_thread(_resume, port, from_a, session)
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 15)

@@ -149,35 +149,3 @@ async def test_upstream_https_is_verified(
         async with s.get(untrusting.url + "/", ssl=certs.client_context()) as r:
             assert r.status == 502
             assert "certificate" in (await r.json())["error"]["message"].lower()
-
-
-async def test_sighup_reload_serves_new_certificate(
-    certs: Certs, upstream: Any, proxy_factory: Any, tmp_path: Any
-) -> None:
-    from sidecrypt.proxy import tls as tls_mod
-
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    first = certs.ca.issue_cert("localhost", common_name="first")
-    first.cert_chain_pems[0].write_to_path(str(cert))
-    first.private_key_pem.write_to_path(str(key))
-    from sidecrypt.config import ListenTLS
-
-    listen = ListenTLS(cert=cert, key=key)
-    ctx = tls_mod.server_context(listen)
-    second = certs.ca.issue_cert("localhost", common_name="second")
-    second.cert_chain_pems[0].write_to_path(str(cert))
-    second.private_key_pem.write_to_path(str(key))
-    tls_mod.reload_server_context(ctx, listen)
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-
-    srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
-    port = srv.sockets[0].getsockname()[1]
-    _reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=certs.client_context(), server_hostname="localhost"
-    )
-    peer = writer.get_extra_info("peercert")
-    writer.close()
-    srv.close()
-    assert dict(x[0] for x in peer["subject"])["commonName"] == "second"

@@ -210,7 +210,10 @@ class LocalKeyProvider:
     async def start(self) -> None:
         if self.options.master_key is not None:
             self._master = self.options.master_key.resolve()
-        await asyncio.to_thread(self._load)
+        try:
+            await asyncio.to_thread(self._load)
+        except ConfigError as exc:  # name the setting too, not only the keyring's own path
+            raise ConfigError(exc.message, path=f"keys.{self.name}.keyring") from None
         self._next_check = time.monotonic() + self.options.reload_interval
 
     async def close(self) -> None:

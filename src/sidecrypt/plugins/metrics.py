@@ -123,6 +123,9 @@ class _StateCollector:
         vault = self.app.get(appkeys.VAULT)
         if vault is not None:
             yield from _vault_metrics(vault)
+        reloads = self.app.get(appkeys.TLS_RELOADS)
+        if reloads is not None and reloads.contexts:
+            yield from _tls_reload_metrics(reloads.contexts)
         audit = audit_stats(self.app)
         if audit is not None:
             yield GaugeMetricFamily(
@@ -210,6 +213,33 @@ def _histogram(name: str, doc: str, tallies: dict[str, list[float]]) -> Metric:
         cumulative = list(accumulate(hist[:-1]))
         family.add_metric([route], list(zip(bounds, cumulative, strict=True)), hist[-1])
     return family
+
+
+def _tls_reload_metrics(contexts: list[Any]) -> Iterator[Metric]:
+    total = CounterMetricFamily(
+        "sidecrypt_tls_reload",
+        "TLS context reloads (SIGHUP or changed files); a failure keeps the previous context",
+        labels=["context", "result"],
+    )
+    last = GaugeMetricFamily(
+        "sidecrypt_tls_reload_last_success_timestamp_seconds",
+        "When the TLS context in use was built (start-up or last successful reload)",
+        labels=["context"],
+    )
+    stale = CounterMetricFamily(
+        "sidecrypt_tls_stale_sessions_refused",
+        "Resumed client handshakes refused: the session began before a reload (mTLS)",
+        labels=["context"],
+    )
+    for live in contexts:
+        total.add_metric([live.name, "success"], live.successes)
+        total.add_metric([live.name, "failure"], live.failures)
+        last.add_metric([live.name], live.last_success)
+        if live.name == "listen":
+            stale.add_metric([live.name], live.stale_refused)
+    yield total
+    yield last
+    yield stale
 
 
 def _key_service_metrics(providers: Mapping[str, Any]) -> Iterator[Metric]:

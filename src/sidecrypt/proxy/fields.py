@@ -412,13 +412,20 @@ class FieldCrypto:
             )
 
     async def rewrap_body(
-        self, body: bytes, specs: Sequence[CompiledField], *, to_key: str
+        self,
+        body: bytes,
+        specs: Sequence[CompiledField],
+        *,
+        to_key: str,
+        expect_context: keys.Context | None = None,
     ) -> tuple[bytes, list[tuple[str, str, int]]]:
         """Re-encrypt every token at the selected slots under ``to_key`` (its newest version).
 
         Each token keeps its stored context and label, so it stays bound where it was. The
         plaintext exists only in this process's memory. Returns the new body and, per token,
         (label, old key name, old key version): what still used an old key before the run.
+        ``expect_context``: a token bound to another context is refused, not moved (rewrap
+        --route: the proxy would not read it back).
         """
         doc = _parse(body)
         target = self.keys.provider(to_key)
@@ -429,8 +436,10 @@ class FieldCrypto:
             if is_esdk_message(token):
                 plain, context, old_key = await self.esdk.open_stored(token, label=lab)
                 old_version = 0
+                _expect(expect_context, keys.canonical_context(dict(context)), lab)
             elif is_envelope(token):
                 env = parse(token)
+                _expect(expect_context, env.context, lab)
                 aead = self.keys.cached_for_decrypt(env.wrapped) or await self._unwrap(env)
                 plain = dumps_json(decrypt_value(env, aead, lab))
                 context, old_key, old_version = env.context, env.key_name, env.key_version
@@ -471,3 +480,8 @@ class FieldCrypto:
         else:
             out, _, _ = await self.decrypt_body(doc, route, route.response_decrypt, ctx)
         return out
+
+
+def _expect(expected: keys.Context | None, context: keys.Context, label: str) -> None:
+    if expected is not None and context != expected:
+        raise CryptoError(f"field {label}: encryption context mismatch", code="context_mismatch")

@@ -16,8 +16,9 @@ from aiohttp import web
 
 from .. import appkeys
 from ..config import Settings, parse_address
+from ..errors import SidecryptError
 from ..plugin_manager import describe_plugins, make_plugin_manager
-from . import dispatch, front, send_timeout, tls, workers
+from . import dispatch, front, send_timeout, tls, tls_reload, workers
 from .app import CATCH_ALL_KEY, PROXY_KEY, create_app
 from .workers import Worker
 
@@ -67,9 +68,16 @@ async def start(
     pm.hook.sidecrypt_check_config(settings=settings)
     log.info("plugins loaded", extra={"plugins": describe_plugins(pm)})
     server_ctx: ssl.SSLContext | None = None
-    if settings.listen.tls is not None:
-        server_ctx = tls.server_context(settings.listen.tls, source=settings.source)
+    reloads = tls_reload.Reloads()
+    if (listen_tls := settings.listen.tls) is not None:
+        live = tls_reload.listener(
+            lambda: tls.server_context(listen_tls, source=settings.source),
+            [f for f in (listen_tls.cert, listen_tls.key, listen_tls.client_ca) if f is not None],
+        )
+        reloads.add(live)
+        server_ctx = live.current
     app = create_app(settings, pm)
+    app[appkeys.TLS_RELOADS] = reloads
     if worker is not None:
         app[appkeys.WORKER] = worker
     runner = web.AppRunner(
@@ -80,6 +88,8 @@ async def start(
         access_log=None,  # server.access_log: plugins/access_log.py, on either engine
     )
     await runner.setup()
+    pool = app[PROXY_KEY].pool
+    reloads.add(pool.tls if pool is not None else None)
     engine = _choose_engine(runner, settings)
     host, port = parse_address(settings.listen.address)
     site = web.TCPSite(
@@ -90,17 +100,22 @@ async def start(
         backlog=settings.server.backlog,
         reuse_port=reuse_port or None,
     )
-    await site.start()
     runners = [runner]
-    if admin and settings.admin.address:
-        admin_runner = web.AppRunner(app[appkeys.ADMIN], access_log=None)
-        await admin_runner.setup()
-        if worker is None or worker.index == 0:
-            ahost, aport = parse_address(settings.admin.address)
-            await web.TCPSite(admin_runner, ahost, aport).start()
-        else:
-            await web.UnixSite(admin_runner, str(worker.socket(worker.index))).start()
-        runners.append(admin_runner)
+    try:
+        await _listen(site, "listen.address")
+        if admin and settings.admin.address:
+            admin_runner = web.AppRunner(app[appkeys.ADMIN], access_log=None)
+            await admin_runner.setup()
+            runners.append(admin_runner)
+            if worker is None or worker.index == 0:
+                ahost, aport = parse_address(settings.admin.address)
+                await _listen(web.TCPSite(admin_runner, ahost, aport), "admin.address")
+            else:
+                await web.UnixSite(admin_runner, str(worker.socket(worker.index))).start()
+    except BaseException:
+        for r in reversed(runners):
+            await r.cleanup()
+        raise
     stop = asyncio.Event()
     running = Running(runners, stop)
     log.info(
@@ -109,25 +124,33 @@ async def start(
     )
 
     loop = asyncio.get_running_loop()
-    if server_ctx is not None and settings.listen.tls is not None:
-        listen_tls = settings.listen.tls
-
-        def reload() -> None:
-            try:
-                tls.reload_server_context(server_ctx, listen_tls, source=settings.source)
-            except Exception as exc:  # keep serving with the old certificate
-                log.error("certificate reload failed; keeping the old one", extra={"error": exc})
-
-        _add_signal(loop, signal.SIGHUP, reload)
-    else:  # SIGHUP's default action would end the process: a reload must never do that
+    # SIGHUP's default action would end the process: a reload must never do that.
+    if reloads.contexts:
+        _add_signal(loop, signal.SIGHUP, reloads.reload_all)
+    else:
         _add_signal(loop, signal.SIGHUP, lambda: log.info("SIGHUP: no certificate to reload"))
+    watcher = reloads.start(settings.server.tls_reload_interval)
 
     async def shutdown() -> None:
+        await tls_reload.stop(watcher)
         log.info("draining", extra={"grace_period": settings.server.grace_period})
         for r in reversed(runners):
             await r.cleanup()
 
     return running, shutdown
+
+
+async def _listen(site: web.BaseSite, setting: str) -> None:
+    """Start a site; a port taken or an address not ours is a one-line error naming the setting."""
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if "address already in use" in str(exc).lower():
+            reason = "address already in use"
+        raise SidecryptError(
+            f"{setting}: cannot listen on {site.name}: {reason}", code="listen_failed"
+        ) from None
 
 
 def _choose_engine(runner: web.AppRunner, settings: Settings) -> str:

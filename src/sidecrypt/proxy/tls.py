@@ -3,8 +3,8 @@
 Both offer only the X25519, P-256 and P-384 key-exchange groups (``http/tls_groups.py``).
 
 Certificates are loaded at start-up, so a missing or broken file fails there with the setting's
-dotted path, not at the first handshake. ``reload_server_context`` re-reads them in place on
-SIGHUP: new handshakes get the new certificate, open connections carry on.
+dotted path, not at the first handshake. A reload builds fresh contexts with these same functions
+and swaps them in whole (proxy/tls_reload.py): loading into a live context only ever adds CAs.
 """
 
 from __future__ import annotations
@@ -82,14 +82,6 @@ def server_context(tls: ListenTLS, *, source: str | None = None) -> ssl.SSLConte
         ctx.verify_mode = ssl.CERT_REQUIRED
     _load_chain(ctx, tls, source)
     return ctx
-
-
-def reload_server_context(
-    ctx: ssl.SSLContext, tls: ListenTLS, *, source: str | None = None
-) -> None:
-    """Re-read certificate, key and client CA into the live context (SIGHUP)."""
-    _load_chain(ctx, tls, source)
-    log.info("tls certificates reloaded", extra={"cert": str(tls.cert)})
 
 
 def upstream_context(upstream: Upstream, *, source: str | None = None) -> ssl.SSLContext | None:

@@ -23,7 +23,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from ..errors import UpstreamError, UpstreamTimeout
-from . import tls
+from . import tls, tls_reload
 from .upstream_conn import Connection
 
 if TYPE_CHECKING:
@@ -93,9 +93,21 @@ class UpstreamPool:
         url = URL(upstream.url)
         self._host = url.host or ""
         self._port = url.port or (443 if url.scheme == "https" else 80)
-        self._ssl = tls.upstream_context(upstream, source=source)
-        if url.scheme == "https" and self._ssl is None:  # never plaintext to an https upstream
-            raise UpstreamError("no TLS context for an https upstream")
+        self._ssl: ssl.SSLContext | None = None
+        self.tls: tls_reload.LiveContext | None = None
+        if url.scheme == "https":  # never plaintext to an https upstream
+
+            def build() -> ssl.SSLContext:
+                ctx = tls.upstream_context(upstream, source=source)
+                if ctx is None:
+                    raise UpstreamError("no TLS context for an https upstream")
+                return ctx
+
+            files = [upstream.ca, upstream.client_cert, upstream.client_key]
+            self.tls = tls_reload.LiveContext(
+                "upstream", build, [f for f in files if f is not None], on_swap=self._swap_tls
+            )
+            self._ssl = self.tls.current
         self._connect_timeout = upstream.connect_timeout
         self._read_timeout = upstream.read_timeout
         self._limit = upstream.pool_size
@@ -154,6 +166,13 @@ class UpstreamPool:
             self._idle.pop(0)
             self._discard(oldest, graceful=True)
         self._wake_one()
+
+    def _swap_tls(self, ctx: ssl.SSLContext) -> None:
+        """New connections use ``ctx``; idle ones were verified under the old trust: closed."""
+        self._ssl = ctx
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._discard(conn, graceful=True)
 
     async def close(self) -> None:
         self._closed = True
