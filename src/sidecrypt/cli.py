@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=cmd_keys)
     p = ksub.add_parser("forget", help="destroy a branch's keys (crypto-shredding)")
     _common(p)
-    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--config", "-c", required=True, help="YAML config file")
     p.add_argument("--branch", required=True, help="NAME=VALUE, e.g. tenant=acme")
     p.add_argument("--key", help="only this configured key")
     p.set_defaults(fn=cmd_keys)
@@ -565,15 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", action="store_true", help="one document per line (progress bar)")
 
     store = verb("store", lambda a: 2, "shared stores (branch keys, token vault)")
-    ssub = store.add_subparsers(dest="store_verb", required=True, metavar="VERB")
+    ssub = store.add_subparsers(dest="store_verb", required=True, metavar="VERB", help="what to do")
     p = ssub.add_parser("migrate", help="create or migrate the stores' schema")
     _common(p)
-    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--config", "-c", required=True, help="YAML config file")
     p.add_argument("--store", action="append", help="only this store (repeatable)")
     p.set_defaults(fn=cmd_store_migrate)
 
     tokens = verb("tokens", lambda a: 2, "the token vault")
-    tsub = tokens.add_subparsers(dest="tokens_verb", required=True, metavar="VERB")
+    tsub = tokens.add_subparsers(
+        dest="tokens_verb", required=True, metavar="VERB", help="what to do"
+    )
     for name, help_ in (
         ("init", "create the vault's schema and each tokenizing key's root"),
         ("rewrap", "re-seal vault entries under each key's newest version (tokens unchanged)"),
@@ -582,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = tsub.add_parser(name, help=help_)
         _common(p)
-        p.add_argument("--config", "-c", required=True)
+        p.add_argument("--config", "-c", required=True, help="YAML config file")
         if name == "forget":
             p.add_argument("--context", action="append", required=True, help="NAME=VALUE")
         p.set_defaults(fn=cmd_tokens)
