@@ -154,3 +154,57 @@ async def test_esdk_fields_end_to_end(
     actions = [e.action for e in recorder.events]
     assert "generate_data_key" in actions and "decrypt_data_key" in actions
     assert CANARY not in repr(recorder.events)
+
+
+async def test_esdk_folded_keys_are_sealed_and_the_guard_checks_them(
+    certs: Certs,
+    tmp_path: Path,
+    upstream_factory: Any,
+    proxy_factory: Any,
+    monkeypatch: Any,
+) -> None:
+    """A key that folds to a selected name is sealed as an ESDK message; if a seal ever left a
+    value as it was, the outgoing guard stops the body (500) before the upstream sees it."""
+    keyring.create_key(tmp_path / "keyring.json", "app")
+    got: list[Any] = []
+
+    async def app(request: web.Request, body: bytes) -> web.Response:
+        got.append(json.loads(body))
+        return web.json_response({})
+
+    up = await upstream_factory(app)
+    raw = {
+        "upstream": {"url": up.url},
+        "keys": {
+            "app": {
+                "provider": "local",
+                "keyring": "keyring.json",
+                "format": "esdk",
+                "esdk": {"namespace": "acme", "name": "users"},
+            }
+        },
+        "routes": [
+            {
+                "match": {"methods": ["POST"], "path": "/users/**"},
+                "key": "app",
+                "request": {"encrypt": ["$.ssn"]},
+            }
+        ],
+    }
+    proxy = await proxy_factory(raw, base_dir=tmp_path)
+    connector = aiohttp.TCPConnector(ssl=certs.client_context())
+    async with aiohttp.ClientSession(connector=connector) as client:
+        async with client.post(f"{proxy.url}/users/1", json={"SSN": CANARY}) as resp:
+            assert resp.status == 200, await resp.text()
+        assert is_esdk_message(got[-1]["SSN"])
+
+        from sidecrypt.crypto.esdk.service import EsdkFields
+
+        async def leaky_seal(self: Any, name: str, context: Any, lab: str, plain: bytes) -> Any:
+            return json.loads(plain)
+
+        monkeypatch.setattr(EsdkFields, "seal", leaky_seal)
+        async with client.post(f"{proxy.url}/users/1", json={"SSN": CANARY}) as resp:
+            assert resp.status == 500
+            assert (await resp.json())["error"]["code"] == "plaintext_guard"
+    assert len(got) == 1 and CANARY.encode() not in up.all_bytes()

@@ -150,6 +150,10 @@ def _protected(value: Any) -> bool:
     return is_envelope(value) or is_esdk_message(value)
 
 
+def _protected_at(container: Any, key: Any) -> bool:
+    return _protected(container[key])
+
+
 def assert_no_plaintext(body_obj: Any, specs: Sequence[CompiledField]) -> None:
     """Every slot a selector reaches must hold a token; raise naming the path otherwise."""
     plan = _direct(specs)
@@ -217,6 +221,7 @@ class FieldCrypto:
             for (container, key, lab), plaintext in zip(slots, plains, strict=True):
                 container[key] = await self.esdk.seal(name, context, lab, plaintext)
             assert_no_plaintext(doc, specs)
+            guard.check_outgoing(doc, sealed=_protected_at)
             return _serialise(doc), [lab for _, _, lab in slots]
         # One cache lookup for the body when the cached key has room for every field.
         dk = service.cached_for_encrypt_many(name, context, sum(map(len, plains)), len(plains))

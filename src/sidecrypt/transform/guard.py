@@ -25,7 +25,7 @@ rules and stops it (500 ``plaintext_guard``) if anything protected is still not 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..envelope import is_envelope, parse
@@ -92,6 +92,14 @@ def all_tokens(value: Any) -> bool:
     return True
 
 
+Sealed = Callable[[Any, Any], bool]
+
+
+def envelope_at(container: Any, key: Any) -> bool:
+    """The default test of :meth:`GuardPlan.check_outgoing`: an sc1 token sits there."""
+    return is_envelope(container[key])
+
+
 class GuardPlan:
     """A route's encrypt selectors, compiled for the guard (see the module docstring)."""
 
@@ -140,14 +148,20 @@ class GuardPlan:
                     out.append((c, k, rule.bind_as or label((*canon, *sub)), rule.index))
         return out
 
-    def check_outgoing(self, doc: Any) -> None:
-        """The last check before a body leaves: raise PlaintextGuardError naming the path."""
-        for _, _, value, path, rule, canon, through, _ in self._hits(doc):
-            if canon is None or through or rule.tail is None:
-                ok = is_envelope(value) if canon is not None and not through else all_tokens(value)
+    def check_outgoing(self, doc: Any, sealed: Sealed = envelope_at) -> None:
+        """The last check before a body leaves: raise PlaintextGuardError naming the path.
+
+        ``sealed(container, key)`` says whether a selected place holds what the transform
+        put there (an sc1 token by default; an ESDK message, a format-preserving token).
+        """
+        for container, key, value, path, rule, canon, through, _ in self._hits(doc):
+            if canon is None or through:
+                ok = all_tokens(value)
+            elif rule.tail is None:
+                ok = sealed(container, key)
             else:
                 slots = list(rule.tail.slots(value))
-                ok = all(is_envelope(c[k]) for c, k, _ in slots) if slots else all_tokens(value)
+                ok = all(sealed(c, k) for c, k, _ in slots) if slots else all_tokens(value)
             if not ok:
                 raise PlaintextGuardError(
                     f"plaintext guard: {_short(path)} (selector {rule.text}) is not encrypted; "
