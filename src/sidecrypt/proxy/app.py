@@ -179,7 +179,7 @@ class Proxy:
                     )
                 step = "context"
                 context = route.context(headers, params, request.query)
-                if route.request_encrypt and "?" in request.raw_path:
+                if (route.request_encrypt or route.tokens_request) and "?" in request.raw_path:
                     self.forms.check_query(route, request.raw_path)
                 target: str | None = None
                 if route.tokens is not None and route.tokens.lookups:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote_plus
 
 from aiohttp import hdrs
 
@@ -62,7 +63,8 @@ def body_kind(request: RequestView, route: CompiledRoute) -> BodyKind:
     """The body's kind on a route that transforms it; 415/400 for anything else."""
     headers = request.headers
     types = headers.getall(hdrs.CONTENT_TYPE, ())
-    forms_ok = not route.request_decrypt
+    # Forms carry what the route encrypts; a route that decrypts or tokenizes takes JSON only.
+    forms_ok = not route.request_decrypt and not route.tokens_request
     expected = _EXPECTED_FORMS if forms_ok else _EXPECTED
     if len(types) > 1 or len(headers.getall(hdrs.CONTENT_ENCODING, ())) > 1:
         raise RequestError(
@@ -90,17 +92,42 @@ class FormCrypto:
     def __init__(self, keys: DataKeyService) -> None:
         self.keys = keys
         self._rules: dict[int, tuple[CompiledRoute, NameRules]] = {}
+        self._query_rules: dict[int, tuple[CompiledRoute, NameRules]] = {}
 
     def check_query(self, route: CompiledRoute, raw_path: str) -> None:
-        """Refuse a query parameter naming a field the route encrypts (forms.check_query)."""
+        """Refuse a query parameter naming a field the route encrypts or tokenizes
+        (forms.check_query). Lookup parameters are tokenized in the target (tokenize.py),
+        which refuses their other spellings itself."""
         query = raw_path.partition("?")[2]
-        if query and route.request_encrypt:
-            check_query(self.rules(route), query)
+        if not query:
+            return
+        rules = self.query_rules(route)
+        if rules is None:
+            return
+        lookups = {name for name, _ in route.tokens.query} if route.tokens is not None else ()
+        if lookups:
+            query = "&".join(
+                part
+                for part in query.split("&")
+                if unquote_plus(part.partition("=")[0]) not in lookups
+            )
+        check_query(rules, query)
 
     def rules(self, route: CompiledRoute) -> NameRules:
         held = self._rules.get(id(route))
         if held is None or held[0] is not route:
             held = self._rules[id(route)] = (route, NameRules(route.request_encrypt))
+        return held[1]
+
+    def query_rules(self, route: CompiledRoute) -> NameRules | None:
+        """The names a query must not carry: encrypted and tokenized fields; None if none."""
+        tokenized = route.tokens.request_tokenize if route.tokens is not None else ()
+        if not tokenized:
+            return self.rules(route) if route.request_encrypt else None
+        held = self._query_rules.get(id(route))
+        if held is None or held[0] is not route:
+            fields = (*route.request_encrypt, *(rule.field for rule in tokenized))
+            held = self._query_rules[id(route)] = (route, NameRules(fields))
         return held[1]
 
     async def encrypt_body(

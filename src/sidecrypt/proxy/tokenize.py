@@ -22,6 +22,8 @@ from ..errors import AccessDenied, ConfigError, PluginError, RequestError
 from ..tokens.cache import MISSING
 from ..tokens.formats import TokenFormat, build_format
 from ..tokens.vault import Vault
+from ..transform.duplicates import check_duplicates
+from ..transform.guard import GuardPlan
 from .fields import _find, _parse, _serialise
 from .routes import CompiledField, compile_fields
 
@@ -39,7 +41,7 @@ class TokenRule:
 class TokenRules:
     """A route's compiled token rules (request and response sides, lookup parameters)."""
 
-    request_tokenize: tuple[TokenRule, ...] = ()
+    request_tokenize: tuple[TokenRule, ...] = ()  # TokenRuleList when compiled
     request_detokenize: tuple[TokenRule, ...] = ()
     response_tokenize: tuple[TokenRule, ...] = ()
     response_detokenize: tuple[TokenRule, ...] = ()
@@ -59,14 +61,34 @@ class TokenRules:
         return bool(self.query or self.path)
 
 
-def _rules(specs: Sequence[config.TokenField]) -> tuple[TokenRule, ...]:
+class TokenRuleList(tuple[TokenRule, ...]):
+    """A side's token rules, with their fields compiled once for the guard (transform/guard.py):
+    keys that fold or split to a selected name, and protected names out of place."""
+
+    guard: GuardPlan
+
+    def __new__(cls, rules: Sequence[TokenRule] = ()) -> TokenRuleList:
+        self = super().__new__(cls, rules)
+        self.guard = GuardPlan([r.field for r in rules])
+        return self
+
+
+def _rules(specs: Sequence[config.TokenField]) -> TokenRuleList:
     fields = compile_fields([config.FieldSpec(path=s.path, required=s.required) for s in specs])
-    return tuple(
-        TokenRule(
-            f, build_format(s.format, s.format_options(), consistent=s.consistent), s.consistent
-        )
-        for f, s in zip(fields, specs, strict=True)
+    return TokenRuleList(
+        [
+            TokenRule(
+                f,
+                build_format(s.format, s.format_options(), consistent=s.consistent),
+                s.consistent,
+            )
+            for f, s in zip(fields, specs, strict=True)
+        ]
     )
+
+
+def _guard(rules: Sequence[TokenRule]) -> GuardPlan:
+    return rules.guard if isinstance(rules, TokenRuleList) else TokenRuleList(rules).guard
 
 
 def _spec_format(spec: config.TokenSpec) -> TokenFormat:
@@ -128,10 +150,27 @@ class TokenFields:
         rules: Sequence[TokenRule],
         context: keys.Context,
     ) -> tuple[bytes, list[str]]:
-        """Replace each selected value by its token (nulls stay null)."""
+        """Replace each selected value by its token (nulls stay null).
+
+        As on an encrypting route (fields.py): duplicate keys and keys of one object that fold
+        alike are refused, keys that fold or split to a selected place are tokenized under its
+        label, a protected name out of place is refused, and the outgoing document is read once
+        more (500 ``plaintext_guard``) before it leaves.
+        """
         doc = _parse(body)
-        slots = [s for s in _slots(doc, rules, required=True) if s[0][s[1]] is not None]
+        check_duplicates(body, doc)
+        guard = _guard(rules)
+        slots = _slots(doc, rules, required=True)
+        if guard:
+            have = {(id(c), k) for c, k, _, _ in slots}
+            for container, key, lab, index in guard.find_slots(doc):
+                if (id(container), key) not in have:
+                    have.add((id(container), key))
+                    slots.append((container, key, lab, rules[index]))
+        slots = [s for s in slots if s[0][s[1]] is not None]
         if not slots:
+            if guard:
+                guard.check_outgoing(doc, sealed=lambda c, k: c[k] is None)
             return body, []
         items = []
         for container, key, _label, rule in slots:
@@ -141,6 +180,9 @@ class TokenFields:
             if token == value or token is None:  # formats never yield the value: guard anyway
                 raise RequestError("a token equals its value; nothing was sent", status=500)
             container[key] = token
+        if guard:
+            replaced = {(id(c), k) for c, k, _, _ in slots}
+            guard.check_outgoing(doc, sealed=lambda c, k: c[k] is None or (id(c), k) in replaced)
         return _serialise(doc), [s[2] for s in slots]
 
     async def detokenize_body(
